@@ -1,0 +1,79 @@
+"""Command line: parse arguments, call one function per command, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from replaceme_jax.errors import ReplaceMeError, UsageError
+
+log = logging.getLogger("replaceme_jax")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits 2 with usage; keep that, but as one clear line
+        raise UsageError(message)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="replaceme-jax", description="Training-free compression of LLMs in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("convert", help="convert an HF directory, GGUF file or orbax checkpoint")
+    p.add_argument("src", help="HF model directory, GGUF file, orbax checkpoint of this tool, or 'smollm2-135m'")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--format", choices=("hf", "orbax"), default="hf")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_common(p)
+    return parser
+
+
+def cmd_convert(args) -> int:
+    from conversion import export_hf, load_model, save_orbax
+    from conversion.model_io import check_finite
+
+    start = time.perf_counter()
+    model = load_model(args.src, dtype=args.dtype)
+    check_finite(model.params, args.src)
+    log.info("loaded %s (%s, %d layers) in %.1f s", args.src, model.config.model_type,
+             model.config.num_hidden_layers, time.perf_counter() - start)
+    if args.format == "orbax":
+        out = save_orbax(model, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    else:
+        out = export_hf(model, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {args.format} model to {out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+        return COMMANDS[args.command](args)
+    except ReplaceMeError as e:
+        if debug:
+            raise
+        print(f"replaceme-jax: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("replaceme-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
