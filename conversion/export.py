@@ -102,8 +102,11 @@ def write_hf_weights(model: LoadedModel, out: Path, dtype, max_shard_bytes: int)
 
 
 def export_hf(model: LoadedModel, dst: str | os.PathLike, dtype: str | None = None, *, overwrite: bool = False,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``model`` as an HF directory at ``dst`` (atomically). ``dtype`` defaults to the source's."""
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, write_extra=None) -> Path:
+    """Write ``model`` as an HF directory at ``dst`` (atomically). ``dtype`` defaults to the source's.
+
+    ``write_extra(tmp_dir)`` may add files (reports) before the directory appears.
+    """
     dtype = dtype or model.source_dtype
     np_dtype = parse_dtype(dtype)
     dtype = dtype_name(np_dtype)
@@ -112,8 +115,8 @@ def export_hf(model: LoadedModel, dst: str | os.PathLike, dtype: str | None = No
         write_hf_weights(model, tmp, np_dtype, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(export_config(model, dtype), indent=2, sort_keys=True))
         write_tokenizer(model, tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        if write_extra is not None:
+            write_extra(tmp)
     log.info("wrote %s", dst)
     return dst
 

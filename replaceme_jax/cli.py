@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_common(p)
+
+    for name, text in (("compress", "ReplaceMe: prune a block of layers and fold a linear map into the MLP"),
+                       ("distances", "write only the angular-distance profile of candidate blocks")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", default=None, help="YAML config (keys as in the reference ReplaceMe tool)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing save_path")
+        _add_common(p)
     return parser
 
 
@@ -53,7 +61,35 @@ def cmd_convert(args) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert}
+def _compress_config(args):
+    from replaceme_jax.config import CompressConfig, load_config
+
+    overrides = list(args.set) + (["overwrite=true"] if args.overwrite else [])
+    return load_config(CompressConfig, args.config, overrides)
+
+
+def cmd_compress(args, distances_only: bool = False) -> int:
+    from replaceme_jax.replaceme.pipeline import compress
+
+    result = compress(_compress_config(args), distances_only=distances_only)
+    report = result.report
+    print(f"blocks removed: {report['blocks']} ({report['num_hidden_layers_before']} -> "
+          f"{report['num_hidden_layers_after']} layers, {report['calibration_tokens']} calibration tokens)")
+    for block in report["block_results"]:
+        with_t = block["relative_error_with_T"]
+        print(f"  block {block['block']}: relative error {block['relative_error_without_T']:.4f} without T"
+              + (f", {with_t:.4f} with T" if with_t is not None else ""))
+    if result.save_path is not None:
+        what = "distance profile" if distances_only else "model and report"
+        print(f"wrote {what} to {result.save_path} (report: {result.save_path / 'replaceme_report.json'})")
+    return 0
+
+
+def cmd_distances(args) -> int:
+    return cmd_compress(args, distances_only=True)
+
+
+COMMANDS = {"convert": cmd_convert, "compress": cmd_compress, "distances": cmd_distances}
 
 
 def main(argv: list[str] | None = None) -> int:

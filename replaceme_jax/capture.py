@@ -1,0 +1,218 @@
+"""Jitted capture passes that stream statistics over calibration batches.
+
+A step runs the decoder up to the last layer it needs (never the LM head) and returns per-batch
+sums: angular distances of candidate blocks on the last real token of each sequence, and the normal
+equations of the blocks being fitted. Sums are accumulated on host in float64, so memory is
+O(blocks x D^2) whatever the number of tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from replaceme_jax.errors import NumericalError
+from replaceme_jax.models import llama
+from replaceme_jax.replaceme.solvers import NormalEquations
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPolicy:
+    """Which token rows enter the fit."""
+
+    include_pad_rows: bool = False  # the reference fits padding rows too
+    exclude_first_token: bool = False  # drop position 0 (attention-sink / massive-activation rows)
+
+    def weights(self, attention_mask: jax.Array) -> jax.Array:
+        w = jnp.ones_like(attention_mask, jnp.float32) if self.include_pad_rows else attention_mask.astype(jnp.float32)
+        if self.exclude_first_token:
+            w = w.at[:, 0].set(0.0)
+        return w
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureSpec:
+    distance_starts: tuple[int, ...] = ()  # blocks (s, s + distance_n) whose angular distance is measured
+    distance_n: int = 0
+    stats_blocks: tuple[tuple[int, int], ...] = ()  # blocks whose normal equations are accumulated
+    rows: RowPolicy = RowPolicy()
+    reference_distance_state: bool = False  # compare post-final-norm state when end == L (reference quirk)
+
+    @property
+    def num_layers_needed(self) -> int:
+        ends = [s + self.distance_n for s in self.distance_starts] + [e for _, e in self.stats_blocks]
+        return max(ends) if ends else 0
+
+
+def angular_distance(a: jax.Array, b: jax.Array) -> jax.Array:
+    """arccos(cos(a, b)) / pi per row, in float32."""
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    cos = jnp.sum(a * b, -1) / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-12)
+    return jnp.arccos(jnp.clip(cos, -1.0, 1.0)) / jnp.pi
+
+
+def _run_layers(params, config, input_ids, attention_mask, num_layers):
+    ctx = llama.attention_context(config, input_ids.shape, attention_mask)
+    h = llama.embed(params, input_ids)
+    hidden, ys, ms = [h], [], []
+    for index in range(num_layers):
+        h, y, m = llama.decoder_layer(params["layers"][index], config, index, h, ctx)
+        hidden.append(h)
+        ys.append(y)
+        ms.append(m)
+    return hidden, ys, ms
+
+
+def capture_step(params, config, spec: CaptureSpec, input_ids, attention_mask):
+    """Per-batch sums for ``spec`` (pure function; jit it with config and spec static)."""
+    hidden, ys, ms = _run_layers(params, config, input_ids, attention_mask, spec.num_layers_needed)
+    out = {}
+    if spec.distance_starts:
+        lengths = attention_mask.sum(-1)
+        last = jnp.maximum(lengths - 1, 0)
+        real = (lengths > 0).astype(jnp.float32)
+        rows = jnp.arange(input_ids.shape[0])
+        dists = []
+        for s in spec.distance_starts:
+            end = s + spec.distance_n
+            h_end = hidden[end]
+            if spec.reference_distance_state and end == config.num_hidden_layers:
+                h_end = llama.final_norm(params, config, h_end)
+            dists.append(jnp.sum(angular_distance(hidden[s][rows, last], h_end[rows, last]) * real))
+        out["distance_sum"] = jnp.stack(dists)
+        out["sequences"] = jnp.sum(real)
+    if spec.stats_blocks:
+        w = spec.rows.weights(attention_mask).reshape(-1)
+        dim = config.hidden_size
+        A, B, target_sq, end_sq = [], [], [], []
+        for start, end in spec.stats_blocks:
+            m = ms[start - 1].astype(jnp.float32).reshape(-1, dim)
+            target = (hidden[end].astype(jnp.float32) - ys[start - 1].astype(jnp.float32)).reshape(-1, dim)
+            h_end = hidden[end].astype(jnp.float32).reshape(-1, dim)
+            mw = m * w[:, None]
+            A.append(jnp.einsum("nd,ne->de", mw, m, precision=HIGHEST))
+            B.append(jnp.einsum("nd,ne->de", mw, target, precision=HIGHEST))
+            target_sq.append(jnp.sum(w * jnp.sum(target * target, -1)))
+            end_sq.append(jnp.sum(w * jnp.sum(h_end * h_end, -1)))
+        out["A"] = jnp.stack(A)
+        out["B"] = jnp.stack(B)
+        out["target_sq"] = jnp.stack(target_sq)
+        out["end_sq"] = jnp.stack(end_sq)
+        out["rows"] = jnp.sum(w)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_capture_step(config, spec: CaptureSpec):
+    return jax.jit(functools.partial(capture_step, config=config, spec=spec))
+
+
+class StatsAccumulator:
+    """float64 host sums of capture-step outputs."""
+
+    def __init__(self, spec: CaptureSpec, dim: int):
+        self.spec = spec
+        self.distance_sum = np.zeros(len(spec.distance_starts))
+        self.sequences = 0.0
+        self.equations = [NormalEquations.zeros(dim) for _ in spec.stats_blocks]
+        self.batches = 0
+
+    def add(self, out: dict, batch_index: int = 0) -> None:
+        out = jax.device_get(out)
+        for name, value in out.items():
+            if not np.all(np.isfinite(value)):
+                raise NumericalError(f"NaN/Inf in activations ({name}) at calibration batch {batch_index}")
+        if "distance_sum" in out:
+            self.distance_sum += np.asarray(out["distance_sum"], np.float64)
+            self.sequences += float(out["sequences"])
+        if "A" in out:
+            for i, eq in enumerate(self.equations):
+                eq.A += np.asarray(out["A"][i], np.float64)
+                eq.B += np.asarray(out["B"][i], np.float64)
+                eq.target_sq += float(out["target_sq"][i])
+                eq.end_sq += float(out["end_sq"][i])
+                eq.rows += float(out["rows"])
+        self.batches += 1
+
+    def distances(self) -> dict[int, float]:
+        if self.sequences == 0:
+            raise NumericalError("no calibration sequence reached the distance pass")
+        return {s: float(d / self.sequences) for s, d in zip(self.spec.distance_starts, self.distance_sum)}
+
+
+def stats_bytes(num_blocks: int, dim: int) -> int:
+    """Host float64 plus device float32 for A and B of every block."""
+    return num_blocks * 2 * dim * dim * (8 + 4)
+
+
+def run_capture(params, config, spec: CaptureSpec, batches: Iterable, progress=None) -> StatsAccumulator:
+    step = compiled_capture_step(config, spec)
+    acc = StatsAccumulator(spec, config.hidden_size)
+    with jax.default_matmul_precision("highest"):
+        for index, batch in enumerate(batches):
+            acc.add(step(params, input_ids=batch.input_ids, attention_mask=batch.attention_mask), index)
+            if progress is not None:
+                progress.update(1)
+    return acc
+
+
+# --- rows for the cosine solver -------------------------------------------------------------------
+
+
+def rows_step(params, config, block: tuple[int, int], rows: RowPolicy, input_ids, attention_mask):
+    start, end = block
+    hidden, ys, ms = _run_layers(params, config, input_ids, attention_mask, end)
+    dim = config.hidden_size
+    return {
+        "M": ms[start - 1].astype(jnp.float32).reshape(-1, dim),
+        "Y": ys[start - 1].astype(jnp.float32).reshape(-1, dim),
+        "h_end": hidden[end].astype(jnp.float32).reshape(-1, dim),
+        "weight": rows.weights(attention_mask).reshape(-1),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_rows_step(config, block, rows: RowPolicy):
+    return jax.jit(functools.partial(rows_step, config=config, block=block, rows=rows))
+
+
+def collect_rows(params, config, block, rows: RowPolicy, batches: Iterable, max_rows: int, seed: int = 0,
+                 progress=None) -> dict[str, np.ndarray]:
+    """M, Y, h_end rows of one block (rows with weight > 0), at most ``max_rows`` (a uniform reservoir)."""
+    step = compiled_rows_step(config, tuple(block), rows)
+    rng = np.random.default_rng(seed)
+    dim = config.hidden_size
+    store = {k: np.empty((max_rows, dim), np.float32) for k in ("M", "Y", "h_end")}
+    seen = 0
+    with jax.default_matmul_precision("highest"):
+        for index, batch in enumerate(batches):
+            out = jax.device_get(step(params, input_ids=batch.input_ids, attention_mask=batch.attention_mask))
+            keep = np.nonzero(out["weight"] > 0)[0]
+            for name in store:
+                if not np.all(np.isfinite(out[name][keep])):
+                    raise NumericalError(f"NaN/Inf in activations ({name}) at calibration batch {index}")
+            # Reservoir sampling: memory stays at max_rows whatever the number of tokens.
+            direct = keep[: max(0, max_rows - seen)]
+            for name in store:
+                store[name][seen:seen + len(direct)] = out[name][direct]
+            seen += len(direct)
+            rest = keep[len(direct):]
+            if len(rest):
+                slots = rng.integers(0, seen + 1 + np.arange(len(rest)))
+                taken = slots < max_rows
+                for name in store:
+                    store[name][slots[taken]] = out[name][rest[taken]]
+                seen += len(rest)
+            if progress is not None:
+                progress.update(1)
+    n = min(seen, max_rows)
+    return {name: array[:n] for name, array in store.items()} | {"seen": seen}

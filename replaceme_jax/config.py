@@ -1,0 +1,178 @@
+"""Typed run configs: YAML files with the reference tool's key names, ``--set key=value`` overrides,
+and a clear error for an unknown key or a wrong type."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from replaceme_jax.errors import UsageError
+
+
+@dataclasses.dataclass
+class CompressConfig:
+    # --- reference ReplaceMe keys (same names and meaning) ---
+    method: Literal["lstsq", "cosine", "uidl"] = "lstsq"
+    model_path: str = "smollm2-135m"
+    dataset: str = "self"
+    dataset_column: str = "text"
+    dataset_subset: str | None = None  # the split to read (the reference's name for it)
+    dataset_size: int = 64
+    batch_size: int = 8
+    max_length: int = 256
+    layers_to_skip: int = 8
+    num_A: int = 1
+    merge_consecutive: bool = True
+    alpha: float = 0.0
+    diag: bool = False
+    loss: Literal["cosine", "mse"] = "cosine"
+    accurate: bool = False
+    distances_path: str | None = None  # write the distance profile here too (CSV)
+    save_path: str = "outputs/smollm2-135m-replaceme"
+    save_transform_only: bool = False  # write transforms.safetensors and the report, not the model
+    min_distance_layer: int | None = None  # smallest block start considered (the reference ignores it; we honour it)
+    use_4bit: bool = False  # reference option (bitsandbytes on CUDA); not supported here
+    solver: Literal["adam"] = "adam"
+    two_vectors: bool = False  # reference option; not supported
+    thri: bool = False  # reference option; not supported
+    token: str | None = None  # reference option (hub token); unused offline
+    # --- ours ---
+    seed: int = 0
+    dtype: str | None = None  # compute dtype for the capture passes (default: the checkpoint's)
+    save_dtype: str | None = None  # dtype of the exported model (default: the checkpoint's)
+    chat_format: Literal["slimorca"] | None = None
+    self_max_new_tokens: int | None = None  # dataset: self -> tokens sampled per sequence (default max_length)
+    self_temperature: float = 1.0
+    self_top_k: int | None = 50
+    bucket: Literal["pow2", "longest"] | int = "pow2"  # batch length buckets ("longest" = the reference's)
+    sort_by_length: bool = True  # group similar lengths (less padding); false keeps the data order
+    include_pad_rows: bool = False  # the reference fits pad rows too; set true to reproduce it
+    first_token_rows: Literal["include", "exclude"] = "include"
+    distance_state: Literal["residual", "reference"] = "residual"
+    sequential: bool = True  # fit each later T on the model with earlier blocks already replaced
+    one_pass_max_bytes: int = 4 * 1024**3  # gather every candidate's statistics in pass 1 below this size
+    cosine_max_tokens: int = 262_144  # rows kept on device for the cosine solver (bounds memory)
+    cosine_lr: float = 1e-4
+    cosine_epochs: int = 10
+    cosine_batch_rows: int = 1024
+    cosine_init: Literal["identity", "lstsq"] = "identity"
+    mesh: dict | None = None
+    overwrite: bool = False
+    checkpoint_every: int = 0
+
+    def validate(self) -> "CompressConfig":
+        positive = ("dataset_size", "batch_size", "max_length", "layers_to_skip", "num_A", "cosine_epochs",
+                    "cosine_batch_rows", "cosine_max_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(f"config key {name!r} must be >= 1 (got {getattr(self, name)})")
+        if self.alpha < 0:
+            raise UsageError(f"config key 'alpha' must be >= 0 (got {self.alpha})")
+        if self.cosine_lr <= 0:
+            raise UsageError(f"config key 'cosine_lr' must be > 0 (got {self.cosine_lr})")
+        if self.use_4bit:
+            raise UsageError("config key 'use_4bit': 4-bit activation capture is not supported; use dtype: bfloat16")
+        for name in ("two_vectors", "thri"):
+            if getattr(self, name):
+                raise UsageError(f"config key {name!r}: structured transforms are not supported (use diag or full T)")
+        if self.diag and self.method == "cosine":
+            raise UsageError("config key 'diag' applies to method lstsq only")
+        return self
+
+
+def _check_type(name: str, value: Any, annotation) -> Any:
+    """Coerce/validate ``value`` against a dataclass field annotation; raise UsageError naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(name, value, arg)
+            except UsageError as e:
+                errors.append(str(e))
+        raise UsageError(errors[0] if errors else f"config key {name!r} has an invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise UsageError(f"config key {name!r} must be one of {', '.join(map(repr, args))} (got {value!r})")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"config key {name!r} must be true or false (got {value!r})")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UsageError(f"config key {name!r} must be an integer (got {value!r})")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UsageError(f"config key {name!r} must be a number (got {value!r})")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise UsageError(f"config key {name!r} must be a string (got {value!r})")
+    if annotation is dict:
+        if isinstance(value, dict):
+            return value
+        raise UsageError(f"config key {name!r} must be a mapping (got {value!r})")
+    raise TypeError(f"unhandled annotation {annotation} for {name}")
+
+
+def from_dict(cls, raw: dict, source: str = "config"):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise UsageError(f"{source}: unknown config key {unknown[0]!r}")
+    values = {name: _check_type(name, value, hints[name]) for name, value in raw.items()}
+    return cls(**values).validate()
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise UsageError(f"--set expects key=value (got {text!r})")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def load_config(cls, path: str | None, overrides: list[str] | None = None):
+    raw: dict = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        file = Path(path)
+        if not file.is_file():
+            raise UsageError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise UsageError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UsageError(f"{path}: a config must be a mapping of keys to values")
+        raw.update(loaded)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        raw[key] = value
+    return from_dict(cls, raw, source)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,171 @@
+"""Estimating the linear map T (D x D) that replaces a block. Plain arrays in, arrays out.
+
+``lstsq`` works from the normal equations ``A = sum M^T M``, ``B = sum M^T (h_end - Y)`` (memory
+O(D^2) whatever the number of tokens). ``cosine`` needs the rows themselves and runs optax Adam.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.linalg
+
+from replaceme_jax.errors import NumericalError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class NormalEquations:
+    """Streaming sums for one block, float64 on host."""
+
+    A: np.ndarray  # sum M^T M               [D, D]
+    B: np.ndarray  # sum M^T (h_end - Y)      [D, D]
+    target_sq: float = 0.0  # sum ||h_end - Y||^2
+    end_sq: float = 0.0  # sum ||h_end||^2
+    rows: float = 0.0
+
+    @classmethod
+    def zeros(cls, dim: int) -> "NormalEquations":
+        return cls(A=np.zeros((dim, dim)), B=np.zeros((dim, dim)))
+
+    def residual_sq(self, T: np.ndarray) -> float:
+        """sum ||M T - (h_end - Y)||^2 from the sums alone."""
+        return float(np.sum(T * (self.A @ T)) - 2.0 * np.sum(T * self.B) + self.target_sq)
+
+    def relative_error(self, T: np.ndarray | None) -> float:
+        """||rebuilt h_end - h_end||^2 / ||h_end||^2 over the calibration rows; T=None is plain dropping."""
+        T = np.eye(self.A.shape[0]) if T is None else T
+        return max(self.residual_sq(T), 0.0) / max(self.end_sq, 1e-300)
+
+
+@dataclasses.dataclass
+class SolveInfo:
+    condition_number: float
+    method: str
+
+
+def lstsq_from_normal_equations(A: np.ndarray, B: np.ndarray, alpha: float = 0.0,
+                                diag: bool = False) -> tuple[np.ndarray, SolveInfo]:
+    """T = (A + alpha I)^{-1} B in float64 (Cholesky; eigen-decomposition fallback when singular)."""
+    A = np.asarray(A, np.float64)
+    B = np.asarray(B, np.float64)
+    if not (np.all(np.isfinite(A)) and np.all(np.isfinite(B))):
+        raise NumericalError("normal equations contain NaN or Inf (activations overflowed)")
+    dim = A.shape[0]
+    if diag:
+        denom = np.diag(A) + alpha
+        safe = np.where(denom > 0, denom, 1.0)
+        return np.diag(np.where(denom > 0, np.diag(B) / safe, 1.0)), SolveInfo(float("nan"), "diag")
+    regularised = A + alpha * np.eye(dim)
+    eig = np.linalg.eigvalsh(regularised)
+    cond = float(eig[-1] / eig[0]) if eig[0] > 0 else float("inf")
+    if cond > 1e12:
+        log.warning("normal matrix is ill conditioned (condition number %.3g); consider alpha > 0", cond)
+    try:
+        factor = scipy.linalg.cho_factor(regularised, lower=True, check_finite=False)
+        T = scipy.linalg.cho_solve(factor, B, check_finite=False)
+        method = "cholesky"
+    except np.linalg.LinAlgError:
+        # Singular (e.g. dead MLP channels): minimum-norm solution from the eigen-decomposition.
+        w, V = np.linalg.eigh(regularised)
+        keep = w > w[-1] * dim * np.finfo(np.float64).eps
+        T = V[:, keep] @ ((V[:, keep].T @ B) / w[keep, None])
+        method = "eigh-pinv"
+    if not np.all(np.isfinite(T)):
+        raise NumericalError(f"least-squares solution is not finite (condition number {cond:.3g}); set alpha > 0")
+    return T, SolveInfo(cond, method)
+
+
+def lstsq_transform(M: np.ndarray, target: np.ndarray, alpha: float = 0.0, diag: bool = False) -> np.ndarray:
+    """Convenience for in-memory rows: T minimising ||M T - target||^2 + alpha ||T||^2."""
+    M64 = np.asarray(M, np.float64)
+    T64 = np.asarray(target, np.float64)
+    return lstsq_from_normal_equations(M64.T @ M64, M64.T @ T64, alpha, diag)[0]
+
+
+# --- cosine objective ------------------------------------------------------------------------------
+
+
+def _row_cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+    eps = 1e-8
+    return jnp.sum(a * b, -1) / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), eps)
+
+
+def cosine_objective(T, M, target, Y, accurate: bool, loss: str):
+    """Mean loss over rows. default: 1 - cos(M T, target=h_end - Y); accurate: 1 - cos(M T + Y, h_end)."""
+    pred = M @ T
+    if accurate:
+        pred = pred + Y
+    if loss == "mse":
+        return jnp.mean(jnp.sum((pred - target) ** 2, -1))
+    return jnp.mean(1.0 - _row_cosine(pred, target))
+
+
+@dataclasses.dataclass
+class CosineResult:
+    T: np.ndarray
+    losses: list[float]  # full-data loss before training and after each epoch
+
+
+def fit_cosine(M: np.ndarray, target: np.ndarray, Y: np.ndarray | None = None, *, accurate: bool = False,
+               loss: str = "cosine", T0: np.ndarray | None = None, lr: float = 1e-4, epochs: int = 10,
+               batch_rows: int = 1024, seed: int = 0,
+               progress: Callable[[int, float], None] | None = None) -> CosineResult:
+    """Adam on the cosine (or MSE) objective, rows resident on device, one jitted scan per epoch.
+
+    ``target`` is ``h_end - Y`` in default mode and ``h_end`` in ``accurate`` mode (which needs ``Y``).
+    """
+    if accurate and Y is None:
+        raise ValueError("accurate mode needs the attention residual Y")
+    n, dim = M.shape
+    M = jnp.asarray(M, jnp.float32)
+    target = jnp.asarray(target, jnp.float32)
+    Yd = jnp.asarray(Y, jnp.float32) if accurate else jnp.zeros((1, dim), jnp.float32)
+    T = jnp.asarray(np.eye(dim) if T0 is None else T0, jnp.float32)
+    batch_rows = min(batch_rows, n)
+    steps = n // batch_rows  # full batches only, so every step has one compiled shape
+    optimizer = optax.adam(lr)
+    state = optimizer.init(T)
+
+    def batch_loss(T, idx):
+        return cosine_objective(T, M[idx], target[idx], Yd[idx] if accurate else None, accurate, loss)
+
+    def full_loss(T):
+        # chunked so the full-data loss does not materialise N x D predictions at once
+        chunks = max(1, n // 8192)
+        idx = jnp.arange(chunks * (n // chunks)).reshape(chunks, -1)
+        return jnp.mean(jax.lax.map(lambda i: batch_loss(T, i), idx))
+
+    @jax.jit
+    def epoch(T, state, key):
+        perm = jax.random.permutation(key, n)[: steps * batch_rows].reshape(steps, batch_rows)
+
+        def step(carry, idx):
+            T, state = carry
+            value, grad = jax.value_and_grad(batch_loss)(T, idx)
+            updates, state = optimizer.update(grad, state, T)
+            return (optax.apply_updates(T, updates), state), value
+
+        (T, state), _ = jax.lax.scan(step, (T, state), perm)
+        return T, state, full_loss(T)
+
+    with jax.default_matmul_precision("highest"):
+        losses = [float(jax.jit(full_loss)(T))]
+        key = jax.random.PRNGKey(seed)
+        for i in range(epochs):
+            key, sub = jax.random.split(key)
+            T, state, value = epoch(T, state, sub)
+            losses.append(float(value))
+            if progress:
+                progress(i, losses[-1])
+    T = np.asarray(T, np.float64)
+    if not np.all(np.isfinite(T)):
+        raise NumericalError("cosine solver diverged (NaN/Inf in T); lower cosine_lr")
+    return CosineResult(T=T, losses=losses)

@@ -1,0 +1,82 @@
+"""Reports: JSON, the distance profile as CSV and PNG."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Wall time per named stage (seconds), in order of first use."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        log.info("stage %s ...", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            log.info("stage %s done in %.1f s", name, self.seconds[name])
+
+
+def write_distances_csv(path: Path, distances: dict[int, float], n: int, chosen: Sequence[tuple[int, int]]) -> None:
+    chosen_starts = {s for s, _ in chosen}
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["start", "end", "distance", "chosen"])
+        for start in sorted(distances):
+            writer.writerow([start, start + n, f"{distances[start]:.6f}", int(start in chosen_starts)])
+
+
+def plot_distances(path: Path, distances: dict[int, float], n: int, chosen: Sequence[tuple[int, int]],
+                   title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    starts = sorted(distances)
+    values = [distances[s] for s in starts]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(starts, values, marker="o", ms=3, lw=1.2)
+    for start, end in chosen:
+        ax.axvspan(start - 0.4, start + 0.4, color="tab:red", alpha=0.25)
+        if start in distances:
+            ax.annotate(f"({start}, {end})", (start, distances[start]), textcoords="offset points", xytext=(0, 8),
+                        ha="center", color="tab:red", fontsize=8)
+    ax.set_xlabel(f"block start s (block removes layers s .. s+{n - 1})")
+    ax.set_ylabel("angular distance / pi")
+    ax.set_title(title or f"Angular distance h_s vs h_(s+{n})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def to_jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(to_jsonable(data), indent=2))

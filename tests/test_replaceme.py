@@ -1,0 +1,241 @@
+"""ReplaceMe properties on tiny random models: selection, the lstsq and cosine solvers, merge, export."""
+
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from transformers import AutoModelForCausalLM
+
+from conversion import load_model
+from replaceme_jax.capture import CaptureSpec, RowPolicy, collect_rows, run_capture
+from replaceme_jax.cli import main
+from replaceme_jax.config import CompressConfig, from_dict
+from replaceme_jax.errors import UsageError
+from replaceme_jax.models import llama
+from replaceme_jax.replaceme import fit_cosine, lstsq_from_normal_equations, replace_block, select_blocks
+from replaceme_jax.replaceme.pipeline import compress
+from tests.helpers import WORDS, make_model, random_batch, torch_logits
+
+
+def write_corpus(path, rows=48, seed=0, min_words=6, max_words=40):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(rows):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+    return path
+
+
+def run_config(tmp_path, model_dir, **overrides):
+    raw = dict(model_path=str(model_dir), dataset=str(write_corpus(tmp_path / "data.jsonl")), max_length=48,
+               batch_size=8, dataset_size=48, save_path=str(tmp_path / "out"), layers_to_skip=2)
+    raw.update(overrides)
+    return from_dict(CompressConfig, raw)
+
+
+def zero_layers(model_dir, layers):
+    """Make layers identities: zeroed o_proj and down_proj add nothing to the residual stream."""
+    path = model_dir / "model.safetensors"
+    with safe_open(str(path), "numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for i in layers:
+        tensors[f"model.layers.{i}.self_attn.o_proj.weight"][:] = 0
+        tensors[f"model.layers.{i}.mlp.down_proj.weight"][:] = 0
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_identity_block_is_selected_and_removed_exactly(tmp_path):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=7)
+    zero_layers(tmp_path / "m", [3, 4])
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    result = compress(run_config(tmp_path, tmp_path / "m"))
+    assert result.report["blocks"] == [[3, 5]]
+    assert result.distances[3] == pytest.approx(0.0, abs=1e-3)
+    assert min(d for s, d in result.distances.items() if s != 3) > 0.05
+    # target h_end - Y = M exactly, so T = I up to float64 round-off
+    np.testing.assert_allclose(result.blocks[0].T, np.eye(32), atol=1e-6)
+    assert result.blocks[0].relative_error_with_T == pytest.approx(0.0, abs=1e-10)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert pruned.config.num_hidden_layers == 5
+    ids, mask = random_batch(128, [20, 11], seed=3)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(torch_logits(pruned, ids, mask)[valid], torch_logits(original, ids, mask)[valid],
+                               atol=1e-4)
+
+
+def manual_forward_with_explicit_T(params, config, ids, mask, start, end, T):
+    """The unmerged model: layers < start, then h = Y + M T at layer start-1, skip the block, go on."""
+    ctx = llama.attention_context(config, ids.shape, mask)
+    h = llama.embed(params, ids)
+    for i, layer in enumerate(params["layers"]):
+        if start <= i < end:
+            continue
+        h_next, y, m = llama.decoder_layer(layer, config, i, h, ctx)
+        h = y + m @ jnp.asarray(T, jnp.float32) if i == start - 1 else h_next
+    return llama.lm_head(params, config, llama.final_norm(params, config, h))
+
+
+def test_merged_model_equals_unmerged_plus_explicit_transform(tmp_path):
+    make_model(tmp_path / "m", "qwen2", num_hidden_layers=6)  # qwen2: no down_proj bias, q/k/v biases
+    make_model(tmp_path / "b", "llama", num_hidden_layers=6, mlp_bias=True)  # down_proj with a bias
+    for name in ("m", "b"):
+        model = load_model(tmp_path / name)
+        T = np.eye(32) + 0.1 * np.random.default_rng(0).standard_normal((32, 32))
+        params, config = replace_block(model.params, model.config, 2, 5, T)
+        assert config.num_hidden_layers == 3 and len(params["layers"]) == 3
+        ids, mask = random_batch(128, [16, 9], seed=1)
+        with jax.default_matmul_precision("highest"):
+            merged = llama.forward(params, config, ids, mask).logits
+            explicit = manual_forward_with_explicit_T(model.params, model.config, ids, mask, 2, 5, T)
+        # the two differ only by float32 rounding of (M W) T vs M (W T)
+        np.testing.assert_allclose(np.asarray(merged), np.asarray(explicit), atol=2e-5)
+
+
+def test_lstsq_T_equals_float64_numpy_solution_on_the_same_rows(tmp_path):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=5)
+    model = load_model(tmp_path / "m")
+    cfg = run_config(tmp_path, tmp_path / "m")
+    from replaceme_jax.replaceme.pipeline import calibration_batches
+
+    batches = calibration_batches(cfg, model, __import__("conversion").load_tokenizer(model))
+    for rows in (RowPolicy(), RowPolicy(include_pad_rows=True), RowPolicy(exclude_first_token=True)):
+        eq = run_capture(model.params, model.config, CaptureSpec(stats_blocks=((2, 4),), rows=rows),
+                         batches).equations[0]
+        data = collect_rows(model.params, model.config, (2, 4), rows, batches, max_rows=10**6)
+        M = data["M"].astype(np.float64)
+        target = data["h_end"].astype(np.float64) - data["Y"].astype(np.float64)
+        assert eq.rows == len(M)
+        expected = np.linalg.lstsq(M, target, rcond=None)[0]
+        T, _ = lstsq_from_normal_equations(eq.A, eq.B)
+        # float32 activations, float32-HIGHEST per-batch Gram products: ~1e-6 relative to |T| ~ 1
+        np.testing.assert_allclose(T, expected, atol=1e-4 * np.abs(expected).max())
+        ridge, _ = lstsq_from_normal_equations(eq.A, eq.B, alpha=3.0)
+        np.testing.assert_allclose(ridge, np.linalg.solve(M.T @ M + 3.0 * np.eye(32), M.T @ target),
+                                   atol=1e-4 * np.abs(expected).max())
+    assert RowPolicy(include_pad_rows=True) != RowPolicy()
+
+
+def test_diag_lstsq_is_per_channel_ratio():
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((200, 6))
+    target = M * np.array([1, 2, 3, 4, 5, 6.0])
+    T, _ = lstsq_from_normal_equations(M.T @ M, M.T @ target, diag=True)
+    np.testing.assert_allclose(np.diag(T), [1, 2, 3, 4, 5, 6], rtol=1e-12)
+    assert np.count_nonzero(T - np.diag(np.diag(T))) == 0
+
+
+def test_cosine_solver_lowers_its_loss_and_accurate_mode_uses_the_attention_residual():
+    rng = np.random.default_rng(0)
+    n, d = 4096, 16
+    M = rng.standard_normal((n, d)).astype(np.float32)
+    Y = 3.0 * rng.standard_normal((n, d)).astype(np.float32)
+    T_true = np.eye(d) + 0.3 * rng.standard_normal((d, d))
+    h_end = Y + M @ T_true
+    default = fit_cosine(M, h_end - Y, lr=1e-2, epochs=8, batch_rows=256)
+    assert default.losses[-1] < 0.1 * default.losses[0]
+    accurate = fit_cosine(M, h_end, Y, accurate=True, lr=1e-2, epochs=8, batch_rows=256)
+    assert accurate.losses[-1] < 0.2 * accurate.losses[0]
+    # accurate mode sees Y: shifting Y (same target) changes its solution; default mode never reads Y
+    shifted = fit_cosine(M, h_end, Y + 5.0, accurate=True, lr=1e-2, epochs=8, batch_rows=256)
+    assert np.abs(shifted.T - accurate.T).max() > 1e-2
+    ignored = fit_cosine(M, h_end - Y, Y + 5.0, lr=1e-2, epochs=8, batch_rows=256)
+    np.testing.assert_array_equal(ignored.T, default.T)
+
+
+def test_select_blocks_greedy_non_overlapping_and_merge():
+    d = {1: 0.5, 2: 0.1, 3: 0.2, 4: 0.15, 5: 0.3, 6: 0.9}
+    assert select_blocks(d, 2, 1) == [(2, 4)]
+    assert select_blocks(d, 2, 2, merge_consecutive=False) == [(2, 4), (4, 6)]
+    assert select_blocks(d, 2, 2, merge_consecutive=True) == [(2, 6)]
+    with pytest.raises(UsageError, match="non-overlapping"):
+        select_blocks(d, 2, 4)
+
+
+def test_compress_cli_writes_a_loadable_model_and_report(tmp_path, capsys):
+    make_model(tmp_path / "m", "qwen3", num_hidden_layers=6, use_sliding_window=True, sliding_window=8,
+               max_window_layers=3)
+    write_corpus(tmp_path / "data.jsonl")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: lstsq\nmodel_path: {tmp_path / 'm'}\ndataset: {tmp_path / 'data.jsonl'}\n"
+                      f"layers_to_skip: 2\nmax_length: 48\nsave_path: {tmp_path / 'out'}\nnum_A: 2\n"
+                      "merge_consecutive: false\n")
+    assert main(["compress", "--config", str(config), "-q"]) == 0
+    assert "wrote model and report" in capsys.readouterr().out
+    out = tmp_path / "out"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "replaceme_report.json", "distances.csv",
+                 "distances.png", "transforms.safetensors"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "replaceme_report.json").read_text())
+    assert report["num_hidden_layers_before"] == 6 and report["num_hidden_layers_after"] == 2
+    assert len(report["blocks"]) == 2 and len(report["distances"]) == 4
+    assert report["calibration_tokens"] > 0 and "pass1_distances_and_statistics" in report["wall_time_s"]
+    for block in report["block_results"]:
+        assert block["relative_error_with_T"] <= block["relative_error_without_T"]
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["num_hidden_layers"] == 2 and len(hf_config["layer_types"]) == 2
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with safe_open(str(out / "transforms.safetensors"), "numpy") as f:
+        assert sorted(f.keys()) == sorted(f"block_{s}_{e}" for s, e in report["blocks"])
+
+
+@pytest.mark.parametrize("method,extra", [("uidl", {}), ("cosine", {"cosine_epochs": 2, "cosine_batch_rows": 64}),
+                                          ("cosine", {"accurate": True, "cosine_init": "lstsq", "cosine_epochs": 2,
+                                                      "cosine_batch_rows": 64})])
+def test_other_methods_run_end_to_end(tmp_path, method, extra):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=5)
+    result = compress(run_config(tmp_path, tmp_path / "m", method=method, **extra))
+    block = result.report["block_results"][0]
+    if method == "uidl":
+        assert result.blocks[0].T is None and block["relative_error_with_T"] is None
+    else:
+        assert block["solver"]["losses"][-1] < block["solver"]["losses"][0]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == 3
+
+
+def test_distances_command_writes_only_the_profile(tmp_path):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=5)
+    write_corpus(tmp_path / "data.jsonl")
+    assert main(["distances", "--set", f"model_path={tmp_path / 'm'}", "--set", f"dataset={tmp_path / 'data.jsonl'}",
+                 "--set", "layers_to_skip=2", "--set", f"save_path={tmp_path / 'out'}", "-q"]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["distances.csv", "distances.png", "replaceme_report.json"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "layers_to_skip=9"], "layers_to_skip=9 must be smaller"),
+    (["--set", "bogus_key=1"], "unknown config key 'bogus_key'"),
+    (["--set", "batch_size=two"], "'batch_size' must be an integer"),
+    (["--set", "method=svd"], "'method' must be one of"),
+])
+def test_bad_config_is_a_one_line_error(tmp_path, capsys, args, message):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=5)
+    capsys.readouterr()
+    code = main(["compress", "--set", f"model_path={tmp_path / 'm'}", "--set", f"save_path={tmp_path / 'out'}",
+                 "--set", f"dataset={write_corpus(tmp_path / 'd.jsonl')}", *args, "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_little_calibration_data_is_refused(tmp_path, capsys):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=5)
+    write_corpus(tmp_path / "d.jsonl", rows=2, min_words=3, max_words=4)
+    code = main(["compress", "--set", f"model_path={tmp_path / 'm'}", "--set", f"save_path={tmp_path / 'out'}",
+                 "--set", f"dataset={tmp_path / 'd.jsonl'}", "--set", "layers_to_skip=2", "-q"])
+    assert code == 1 and "too little calibration data" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_self_generated_calibration_needs_no_data(tmp_path):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=4)
+    cfg = from_dict(CompressConfig, dict(model_path=str(tmp_path / "m"), dataset="self", dataset_size=8,
+                                         max_length=24, layers_to_skip=1, save_path=str(tmp_path / "out")))
+    result = compress(cfg)
+    assert result.report["calibration_tokens"] >= 32 and result.report["num_hidden_layers_after"] == 3
