@@ -15,11 +15,19 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 class StageTimer:
-    """Wall time per named stage (seconds), in order of first use."""
+    """Wall time per named stage (seconds) and the process's peak RSS at the end of each stage."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -29,6 +37,7 @@ class StageTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.peak_rss_mb[name] = peak_rss_mb()
             log.info("stage %s done in %.1f s", name, self.seconds[name])
 
 

@@ -189,6 +189,7 @@ def compress(cfg: CompressConfig, distances_only: bool = False) -> CompressResul
             for r in results
         ],
         "wall_time_s": timer.seconds,
+        "peak_rss_mb_after_stage": timer.peak_rss_mb,
         "config": to_dict(cfg),
         "platform": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
                      "python": platform.python_version()},
