@@ -20,6 +20,7 @@ import numpy as np
 from replaceme_jax.errors import NumericalError
 from replaceme_jax.models import llama
 from replaceme_jax.replaceme.solvers import NormalEquations
+from replaceme_jax.sharding import gather_to_host
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -127,7 +128,7 @@ class StatsAccumulator:
         self.batches = 0
 
     def add(self, out: dict, batch_index: int = 0) -> None:
-        out = jax.device_get(out)
+        out = gather_to_host(out)
         for name, value in out.items():
             if not np.all(np.isfinite(value)):
                 raise NumericalError(f"NaN/Inf in activations ({name}) at calibration batch {batch_index}")
@@ -154,12 +155,23 @@ def stats_bytes(num_blocks: int, dim: int) -> int:
     return num_blocks * 2 * dim * dim * (8 + 4)
 
 
-def run_capture(params, config, spec: CaptureSpec, batches: Iterable, progress=None) -> StatsAccumulator:
+def _device_batch(batch, mesh):
+    if mesh is None:
+        return batch.input_ids, batch.attention_mask
+    from replaceme_jax.sharding import put_batch
+
+    return put_batch(batch.input_ids, mesh), put_batch(batch.attention_mask, mesh)
+
+
+def run_capture(params, config, spec: CaptureSpec, batches: Iterable, progress=None, mesh=None) -> StatsAccumulator:
+    """Stream ``spec``'s statistics over ``batches``. With a ``mesh`` each batch is split over its batch
+    axes and the sums are reduced across devices (and hosts) inside the jitted step."""
     step = compiled_capture_step(config, spec)
     acc = StatsAccumulator(spec, config.hidden_size)
     with jax.default_matmul_precision("highest"):
         for index, batch in enumerate(batches):
-            acc.add(step(params, input_ids=batch.input_ids, attention_mask=batch.attention_mask), index)
+            ids, mask = _device_batch(batch, mesh)
+            acc.add(step(params, input_ids=ids, attention_mask=mask), index)
             if progress is not None:
                 progress.update(1)
     return acc
@@ -186,7 +198,7 @@ def compiled_rows_step(config, block, rows: RowPolicy):
 
 
 def collect_rows(params, config, block, rows: RowPolicy, batches: Iterable, max_rows: int, seed: int = 0,
-                 progress=None) -> dict[str, np.ndarray]:
+                 progress=None, mesh=None) -> dict[str, np.ndarray]:
     """M, Y, h_end rows of one block (rows with weight > 0), at most ``max_rows`` (a uniform reservoir)."""
     step = compiled_rows_step(config, tuple(block), rows)
     rng = np.random.default_rng(seed)
@@ -195,7 +207,8 @@ def collect_rows(params, config, block, rows: RowPolicy, batches: Iterable, max_
     seen = 0
     with jax.default_matmul_precision("highest"):
         for index, batch in enumerate(batches):
-            out = jax.device_get(step(params, input_ids=batch.input_ids, attention_mask=batch.attention_mask))
+            ids, mask = _device_batch(batch, mesh)
+            out = gather_to_host(step(params, input_ids=ids, attention_mask=mask))
             keep = np.nonzero(out["weight"] > 0)[0]
             for name in store:
                 if not np.all(np.isfinite(out[name][keep])):

@@ -33,7 +33,7 @@ class CompressConfig:
     loss: Literal["cosine", "mse"] = "cosine"
     accurate: bool = False
     distances_path: str | None = None  # write the distance profile here too (CSV)
-    save_path: str = "outputs/smollm2-135m-replaceme"
+    save_path: str | None = "outputs/smollm2-135m-replaceme"  # null: write nothing (Python API use)
     save_transform_only: bool = False  # write transforms.safetensors and the report, not the model
     min_distance_layer: int | None = None  # smallest block start considered (the reference ignores it; we honour it)
     use_4bit: bool = False  # reference option (bitsandbytes on CUDA); not supported here
@@ -61,7 +61,8 @@ class CompressConfig:
     cosine_epochs: int = 10
     cosine_batch_rows: int = 1024
     cosine_init: Literal["identity", "lstsq"] = "identity"
-    mesh: dict | None = None
+    mesh: dict | None = None  # e.g. {data: 4, fsdp: 1, tensor: 2}; default: every device on data
+    distributed: dict | None = None  # {coordinator_address, num_processes, process_id} or {auto: true}
     overwrite: bool = False
     checkpoint_every: int = 0
 

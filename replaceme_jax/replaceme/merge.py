@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+from replaceme_jax.sharding import gather_to_host
 
 
 def fold_transform(down_proj: dict, T: np.ndarray) -> dict:
@@ -12,8 +15,12 @@ def fold_transform(down_proj: dict, T: np.ndarray) -> dict:
     out = {}
     for name, value in down_proj.items():
         dtype = value.dtype
-        merged = np.asarray(value, np.float64) @ T
-        out[name] = jnp.asarray(merged.astype(dtype))
+        merged = (np.asarray(gather_to_host(value), np.float64) @ T).astype(dtype)
+        sharding = getattr(value, "sharding", None)
+        if sharding is None:
+            out[name] = jnp.asarray(merged)
+        else:  # keep the layout of a sharded parameter, so later passes run on the same mesh
+            out[name] = jax.make_array_from_callback(merged.shape, sharding, lambda index: merged[index])
     return out
 
 

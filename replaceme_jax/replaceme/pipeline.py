@@ -22,6 +22,8 @@ from replaceme_jax.errors import ReplaceMeError, UsageError
 from replaceme_jax.replaceme.merge import replace_block
 from replaceme_jax.replaceme.selection import candidate_starts, select_blocks
 from replaceme_jax.replaceme.solvers import NormalEquations, fit_cosine, lstsq_from_normal_equations
+from replaceme_jax.sharding import (check_batch_divides, gather_to_host, initialize_distributed, is_main_process,
+                                    make_mesh, place_fn, shard_params)
 from replaceme_jax.report import StageTimer, plot_distances, to_jsonable, write_distances_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,8 @@ class CompressResult:
 
 
 def _progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, disable=None)
+    # multi-host runs show progress on process 0 only
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, disable=None if is_main_process() else True)
 
 
 def calibration_batches(cfg: CompressConfig, model: LoadedModel, tokenizer):
@@ -73,7 +76,7 @@ def _check_enough_data(cfg: CompressConfig, batches, dim: int) -> None:
 
 
 def _solve_block(cfg: CompressConfig, model: LoadedModel, block_now: tuple[int, int], equations: NormalEquations,
-                 batches, rows: RowPolicy, timer: StageTimer) -> tuple[np.ndarray | None, dict]:
+                 batches, rows: RowPolicy, timer: StageTimer, mesh=None) -> tuple[np.ndarray | None, dict]:
     if cfg.method == "uidl":
         return None, {"method": "uidl"}
     if cfg.method == "lstsq":
@@ -84,7 +87,7 @@ def _solve_block(cfg: CompressConfig, model: LoadedModel, block_now: tuple[int, 
     # cosine: needs the rows themselves, bounded by cosine_max_tokens
     with timer("collect_rows"), _progress(len(batches), "rows for cosine") as bar:
         data = collect_rows(model.params, model.config, block_now, rows, batches, cfg.cosine_max_tokens,
-                            seed=cfg.seed, progress=bar)
+                            seed=cfg.seed, progress=bar, mesh=mesh)
     T0 = None
     if cfg.cosine_init == "lstsq":
         T0, _ = lstsq_from_normal_equations(equations.A, equations.B, cfg.alpha)
@@ -107,9 +110,20 @@ def compress(cfg: CompressConfig, distances_only: bool = False) -> CompressResul
     save_path = Path(cfg.save_path) if cfg.save_path else None
     if save_path is not None and save_path.exists() and any(save_path.iterdir()) and not cfg.overwrite:
         raise UsageError(f"{save_path}: output exists and is not empty (set overwrite: true or pass --overwrite)")
+    initialize_distributed(cfg.distributed)
+    if not is_main_process():
+        logging.getLogger("replaceme_jax").setLevel(logging.WARNING)
+    mesh = make_mesh(cfg.mesh)
+    check_batch_divides(cfg.batch_size, mesh)
     with timer("load_model"):
-        model = load_model(cfg.model_path, dtype=cfg.dtype)
+        if mesh.size > 1:
+            # tensors go straight into their shards; orbax restores whole, then is sharded
+            model = load_model(cfg.model_path, dtype=cfg.dtype, place=place_fn(mesh))
+            model.params = shard_params(model.params, model.family.param_specs(model.config), mesh)
+        else:
+            model = load_model(cfg.model_path, dtype=cfg.dtype)
         check_finite(model.params, cfg.model_path)
+    log.info("mesh %s over %d device(s), %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
     n = cfg.layers_to_skip
     num_layers = model.config.num_hidden_layers
     starts = candidate_starts(num_layers, n, cfg.min_distance_layer)
@@ -133,7 +147,7 @@ def compress(cfg: CompressConfig, distances_only: bool = False) -> CompressResul
                        reference_distance_state=cfg.distance_state == "reference")
     with timer("pass1_distances" + ("_and_statistics" if gather_all else "")), \
             _progress(len(batches), "pass 1") as bar:
-        pass1 = run_capture(model.params, model.config, spec, batches, progress=bar)
+        pass1 = run_capture(model.params, model.config, spec, batches, progress=bar, mesh=mesh)
     distances = pass1.distances()
     pass1_equations = dict(zip(starts, pass1.equations)) if gather_all else {}
     blocks = select_blocks(distances, n, cfg.num_A, cfg.merge_consecutive)
@@ -155,10 +169,10 @@ def compress(cfg: CompressConfig, distances_only: bool = False) -> CompressResul
                 stats_spec = CaptureSpec(stats_blocks=(block_src,), rows=rows)
                 with timer("statistics_pass"), _progress(len(batches), f"statistics {start}-{end}") as bar:
                     equations = run_capture(source.params, source.config, stats_spec, batches,
-                                            progress=bar).equations[0]
+                                            progress=bar, mesh=mesh).equations[0]
             T, solver_info = _solve_block(cfg, current if cfg.sequential else model,
                                           block_now if cfg.sequential else (start, end), equations, batches, rows,
-                                          timer)
+                                          timer, mesh)
             results.append(BlockResult(
                 start=start, end=end, T=T,
                 relative_error_with_T=equations.relative_error(T) if T is not None else None,
@@ -192,16 +206,18 @@ def compress(cfg: CompressConfig, distances_only: bool = False) -> CompressResul
         "peak_rss_mb_after_stage": timer.peak_rss_mb,
         "config": to_dict(cfg),
         "platform": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
-                     "python": platform.python_version()},
+                     "processes": jax.process_count(), "mesh": dict(mesh.shape), "python": platform.python_version()},
     }
-    if save_path is not None:
+    if jax.process_count() > 1 and save_path is not None and not distances_only:
+        current = dataclasses.replace(current, params=gather_to_host(current.params))  # collective
+    if save_path is not None and is_main_process():
         with timer("export"):
             _write_outputs(cfg, current, distances, n, blocks, results, report, save_path, distances_only)
         report["wall_time_s"] = timer.seconds
         # Rewrite with the export time included; os.replace keeps the file whole at every moment.
         write_json(save_path / ".replaceme_report.json.tmp", report)
         (save_path / ".replaceme_report.json.tmp").replace(save_path / "replaceme_report.json")
-    if cfg.distances_path:
+    if cfg.distances_path and is_main_process():
         write_distances_csv(Path(cfg.distances_path), distances, n, blocks)
     return CompressResult(model=current, distances=distances, blocks=results, report=report, save_path=save_path)
 

@@ -1,0 +1,123 @@
+"""ReplaceMe on the real SmolLM2-135M: compress with several methods, evaluate all, print a table.
+
+The setting repeats the reference run in shared/docs/ANCHORS.md: `layers_to_skip` 8 of 30, the first
+256 C4 documents, max_length 512, batch_size 8; evaluation on WikiText-2 (first 40 windows of 1024
+tokens), LAMBADA, ARC-Easy, PIQA, HellaSwag and WinoGrande (first 500 items each).
+
+    python bench/replaceme_smollm2.py --variants all --output bench/results/replaceme_smollm2.json
+
+Each variant runs the real `compress` pipeline (so its wall time and peak memory per stage are the
+tool's own) and is evaluated in the same process from the pruned params (no export round trip; the
+export is covered by the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+BASE = dict(model_path="smollm2-135m", dataset=str(DATA / "calibration" / "c4_sample.jsonl"), dataset_column="text",
+            dataset_size=256, batch_size=8, max_length=512, layers_to_skip=8, num_A=1, save_path=None)
+REFERENCE_ROWS = dict(include_pad_rows=True, bucket="longest", sort_by_length=False)
+
+VARIANTS = {
+    # name: (config overrides, what it shows)
+    "uidl": (dict(method="uidl"), "drop the block, no T"),
+    "lstsq": (dict(method="lstsq"), "ours: pad rows excluded"),
+    "lstsq_reference_rows": (dict(method="lstsq", **REFERENCE_ROWS), "the reference's fit: pad rows included"),
+    "lstsq_no_first_token": (dict(method="lstsq", first_token_rows="exclude"), "first-position rows excluded"),
+    "cosine": (dict(method="cosine"), "reference cosine settings (identity init, lr 1e-4, 10 epochs)"),
+    "cosine_accurate_lstsq_init": (dict(method="cosine", accurate=True, cosine_init="lstsq"),
+                                   "accurate objective, lstsq init"),
+    "uidl_n6": (dict(method="uidl", layers_to_skip=6), ""),
+    "lstsq_n6": (dict(method="lstsq", layers_to_skip=6), ""),
+    "uidl_n4": (dict(method="uidl", layers_to_skip=4), ""),
+    "lstsq_n4": (dict(method="lstsq", layers_to_skip=4), ""),
+}
+TASKS = ("wikitext2", "lambada_openai", "arc_easy", "piqa", "hellaswag", "winogrande")
+
+
+def evaluate_params(params, config, tokenizer, tasks, limit, windows, batch_size):
+    from replaceme_jax.evaluate import load_task, run_task
+
+    results = {}
+    for name in tasks:
+        task = load_task(name, DATA / "eval", windows if name == "wikitext2" else limit)
+        start = time.perf_counter()
+        result = run_task(params, config, tokenizer, task, max_length=1024, batch_size=batch_size)
+        results[name] = dict(result.metrics, seconds=round(time.perf_counter() - start, 1))
+        logging.info("%s: %s", name, results[name])
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="all", help="comma list of " + ", ".join(["original", *VARIANTS]))
+    parser.add_argument("--limit", type=int, default=500, help="items per multiple-choice task")
+    parser.add_argument("--windows", type=int, default=40, help="WikiText-2 windows of 1024 tokens")
+    parser.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "replaceme_smollm2.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+    from conversion import load_model, load_tokenizer
+    from replaceme_jax.config import CompressConfig, from_dict
+    from replaceme_jax.replaceme.pipeline import compress
+
+    names = ["original", *VARIANTS] if args.variants == "all" else args.variants.split(",")
+    out_path = Path(args.output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    table = json.loads(out_path.read_text()) if out_path.exists() else {}
+    for name in names:
+        start = time.perf_counter()
+        if name == "original":
+            model = load_model(BASE["model_path"])
+            params, config, entry = model.params, model.config, {"layers": model.config.num_hidden_layers}
+        else:
+            overrides, note = VARIANTS[name]
+            cfg = from_dict(CompressConfig, dict(BASE, **overrides))
+            result = compress(cfg)
+            model = result.model
+            params, config = model.params, model.config
+            report = result.report
+            entry = {"note": note, "config": overrides, "layers": config.num_hidden_layers, "blocks": report["blocks"],
+                     "distance": [report["distances"][report["distance_starts"].index(s)] for s, _ in report["blocks"]],
+                     "block_results": report["block_results"], "compress_wall_time_s": report["wall_time_s"],
+                     "peak_rss_mb_after_stage": report["peak_rss_mb_after_stage"],
+                     "calibration_tokens": report["calibration_tokens"]}
+        entry["results"] = evaluate_params(params, config, load_tokenizer(model), TASKS, args.limit, args.windows,
+                                           args.batch_size)
+        entry["total_seconds"] = round(time.perf_counter() - start, 1)
+        table[name] = entry
+        out_path.write_text(json.dumps(table, indent=2, default=str))
+        logging.info("%s done in %.0f s", name, entry["total_seconds"])
+    print(markdown(table))
+
+
+def markdown(table: dict) -> str:
+    rows = ["| model | layers | block | WikiText-2 ppl | LAMBADA acc / ppl | ARC-E | PIQA | HellaSwag | WinoGrande "
+            "| avg of 4 | compress s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = None
+    for name, e in table.items():
+        r = e["results"]
+        four = [r["arc_easy"]["acc_norm"], r["piqa"]["acc_norm"], r["hellaswag"]["acc_norm"], r["winogrande"]["acc"]]
+        avg = sum(four) / 4
+        base = base or avg
+        wall = sum(e.get("compress_wall_time_s", {}).values()) if "compress_wall_time_s" in e else None
+        rows.append(
+            f"| {name} | {e['layers']} | {e.get('blocks', '-')} | {r['wikitext2']['perplexity']:.1f} | "
+            f"{r['lambada_openai']['acc']:.3f} / {r['lambada_openai']['perplexity']:,.0f} | {four[0]:.3f} | "
+            f"{four[1]:.3f} | {four[2]:.3f} | {four[3]:.3f} | {avg:.3f} ({100 * avg / base:.1f}%) | "
+            f"{'-' if wall is None else f'{wall:.0f}'} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
