@@ -144,6 +144,26 @@ class StatsAccumulator:
                 eq.rows += float(out["rows"])
         self.batches += 1
 
+    def state_dict(self) -> dict:
+        # 1-element arrays: orbax saves arrays, not numpy scalars
+        state = {"sequences": np.array([self.sequences]), "batches": np.array([self.batches], np.int64)}
+        if len(self.distance_sum):  # orbax refuses zero-size arrays
+            state["distance_sum"] = self.distance_sum
+        if self.equations:
+            state.update(A=np.stack([e.A for e in self.equations]), B=np.stack([e.B for e in self.equations]),
+                         sums=np.array([[e.target_sq, e.end_sq, e.rows] for e in self.equations]))
+        return state
+
+    def load_state(self, state: dict) -> None:
+        if "distance_sum" in state:
+            self.distance_sum = np.array(state["distance_sum"], np.float64)
+        self.sequences = float(state["sequences"][0])
+        self.batches = int(state["batches"][0])
+        for i, eq in enumerate(self.equations):
+            eq.A = np.array(state["A"][i], np.float64)
+            eq.B = np.array(state["B"][i], np.float64)
+            eq.target_sq, eq.end_sq, eq.rows = (float(v) for v in state["sums"][i])
+
     def distances(self) -> dict[int, float]:
         if self.sequences == 0:
             raise NumericalError("no calibration sequence reached the distance pass")
@@ -163,15 +183,30 @@ def _device_batch(batch, mesh):
     return put_batch(batch.input_ids, mesh), put_batch(batch.attention_mask, mesh)
 
 
-def run_capture(params, config, spec: CaptureSpec, batches: Iterable, progress=None, mesh=None) -> StatsAccumulator:
+def run_capture(params, config, spec: CaptureSpec, batches: Iterable, progress=None, mesh=None,
+                checkpoint=None) -> StatsAccumulator:
     """Stream ``spec``'s statistics over ``batches``. With a ``mesh`` each batch is split over its batch
-    axes and the sums are reduced across devices (and hosts) inside the jitted step."""
+    axes and the sums are reduced across devices (and hosts) inside the jitted step. With a
+    ``checkpoint`` (a ``checkpointing.PassState``) the sums are saved every few batches and a rerun
+    continues from the last save."""
     step = compiled_capture_step(config, spec)
     acc = StatsAccumulator(spec, config.hidden_size)
+    done = 0
+    if checkpoint is not None:
+        restored = checkpoint.restore(acc.state_dict())
+        if restored is not None:
+            done, state = restored
+            acc.load_state(state)
+            if progress is not None:
+                progress.update(done)
     with jax.default_matmul_precision("highest"):
         for index, batch in enumerate(batches):
+            if index < done:
+                continue
             ids, mask = _device_batch(batch, mesh)
             acc.add(step(params, input_ids=ids, attention_mask=mask), index)
+            if checkpoint is not None:
+                checkpoint.save(index + 1, acc.state_dict())
             if progress is not None:
                 progress.update(1)
     return acc

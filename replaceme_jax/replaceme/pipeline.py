@@ -16,6 +16,8 @@ from conversion import LoadedModel, export_hf, load_model, load_tokenizer
 from conversion.atomic import atomic_output_dir
 from conversion.model_io import check_finite
 from replaceme_jax import __version__
+from conversion.assets import resolve_builtin
+from replaceme_jax.checkpointing import RunState, model_fingerprint, only_state
 from replaceme_jax.capture import CaptureSpec, RowPolicy, collect_rows, run_capture, stats_bytes
 from replaceme_jax.config import CompressConfig, to_dict
 from replaceme_jax.errors import ReplaceMeError, UsageError
@@ -104,11 +106,38 @@ def _solve_block(cfg: CompressConfig, model: LoadedModel, block_now: tuple[int, 
                       "losses": result.losses, "lr": cfg.cosine_lr, "epochs": cfg.cosine_epochs}
 
 
-def compress(cfg: CompressConfig, distances_only: bool = False) -> CompressResult:
-    """Run the whole pipeline for ``cfg``; write ``cfg.save_path`` (unless ``distances_only`` with no path)."""
+def _fit_block(cfg, model, current, index, block, block_now, pass1_equations, n, batches, rows, timer, mesh,
+               state) -> BlockResult:
+    start, end = block
+    reuse = start in pass1_equations and end - start == n and (index == 0 or not cfg.sequential)
+    if reuse:
+        equations = pass1_equations[start]
+    else:
+        # The earlier blocks are already replaced in `current`: fit on the model as it will be.
+        source = current if cfg.sequential else model
+        block_src = block_now if cfg.sequential else block
+        stats_spec = CaptureSpec(stats_blocks=(block_src,), rows=rows)
+        with timer("statistics_pass"), _progress(len(batches), f"statistics {start}-{end}") as bar:
+            equations = run_capture(source.params, source.config, stats_spec, batches, progress=bar, mesh=mesh,
+                                    checkpoint=state.pass_state(f"stats_{index}") if state else None).equations[0]
+    T, solver_info = _solve_block(cfg, current if cfg.sequential else model,
+                                  block_now if cfg.sequential else block, equations, batches, rows, timer, mesh)
+    return BlockResult(start=start, end=end, T=T,
+                       relative_error_with_T=equations.relative_error(T) if T is not None else None,
+                       relative_error_without_T=equations.relative_error(None), fit_rows=equations.rows,
+                       solver=solver_info)
+
+
+def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = False) -> CompressResult:
+    """Run the whole pipeline for ``cfg``; write ``cfg.save_path`` (unless ``distances_only`` with no path).
+
+    With ``checkpoint_every > 0`` the streaming state is saved under ``save_path/.state`` and a rerun
+    resumes from it (``restart`` discards it).
+    """
     timer = StageTimer()
     save_path = Path(cfg.save_path) if cfg.save_path else None
-    if save_path is not None and save_path.exists() and any(save_path.iterdir()) and not cfg.overwrite:
+    if (save_path is not None and save_path.exists() and not only_state(save_path) and any(save_path.iterdir())
+            and not cfg.overwrite):
         raise UsageError(f"{save_path}: output exists and is not empty (set overwrite: true or pass --overwrite)")
     initialize_distributed(cfg.distributed)
     if not is_main_process():
@@ -129,6 +158,10 @@ def compress(cfg: CompressConfig, distances_only: bool = False) -> CompressResul
     starts = candidate_starts(num_layers, n, cfg.min_distance_layer)
     if cfg.num_A > len(starts):
         raise UsageError(f"num_A={cfg.num_A} blocks of {n} layers do not fit in {num_layers} layers")
+    state = None
+    if cfg.checkpoint_every > 0 and save_path is not None and is_main_process():
+        state = RunState(save_path, to_dict(cfg), model_fingerprint(resolve_builtin(cfg.model_path)),
+                         cfg.checkpoint_every, restart=restart)
     tokenizer = load_tokenizer(model)
     with timer("calibration_data"):
         batches = calibration_batches(cfg, model, tokenizer)
@@ -147,7 +180,8 @@ def compress(cfg: CompressConfig, distances_only: bool = False) -> CompressResul
                        reference_distance_state=cfg.distance_state == "reference")
     with timer("pass1_distances" + ("_and_statistics" if gather_all else "")), \
             _progress(len(batches), "pass 1") as bar:
-        pass1 = run_capture(model.params, model.config, spec, batches, progress=bar, mesh=mesh)
+        pass1 = run_capture(model.params, model.config, spec, batches, progress=bar, mesh=mesh,
+                            checkpoint=state.pass_state("pass1") if state else None)
     distances = pass1.distances()
     pass1_equations = dict(zip(starts, pass1.equations)) if gather_all else {}
     blocks = select_blocks(distances, n, cfg.num_A, cfg.merge_consecutive)
@@ -159,25 +193,18 @@ def compress(cfg: CompressConfig, distances_only: bool = False) -> CompressResul
     if not distances_only:
         for index, (start, end) in enumerate(blocks):
             block_now = (start - removed, end - removed)
-            reuse = start in pass1_equations and end - start == n and (index == 0 or not cfg.sequential)
-            if reuse:
-                equations = pass1_equations[start]
+            saved = state.load_block(index) if state else None
+            if saved is not None:  # finished before an interruption
+                T, record = saved
+                results.append(BlockResult(start=start, end=end, T=T, **record))
             else:
-                # The earlier blocks are already replaced in `current`: fit on the model as it will be.
-                source = current if cfg.sequential else model
-                block_src = block_now if cfg.sequential else (start, end)
-                stats_spec = CaptureSpec(stats_blocks=(block_src,), rows=rows)
-                with timer("statistics_pass"), _progress(len(batches), f"statistics {start}-{end}") as bar:
-                    equations = run_capture(source.params, source.config, stats_spec, batches,
-                                            progress=bar, mesh=mesh).equations[0]
-            T, solver_info = _solve_block(cfg, current if cfg.sequential else model,
-                                          block_now if cfg.sequential else (start, end), equations, batches, rows,
-                                          timer, mesh)
-            results.append(BlockResult(
-                start=start, end=end, T=T,
-                relative_error_with_T=equations.relative_error(T) if T is not None else None,
-                relative_error_without_T=equations.relative_error(None), fit_rows=equations.rows,
-                solver=solver_info))
+                results.append(_fit_block(cfg, model, current, index, (start, end), block_now, pass1_equations, n,
+                                          batches, rows, timer, mesh, state))
+                if state:
+                    r = results[-1]
+                    state.save_block(index, r.T, {k: getattr(r, k) for k in (
+                        "relative_error_with_T", "relative_error_without_T", "fit_rows", "solver")})
+            T = results[-1].T
             with timer("merge"):
                 params, config = replace_block(current.params, current.config, *block_now, T)
             current = dataclasses.replace(current, params=params, config=config)
@@ -234,9 +261,11 @@ def _write_side_files(out: Path, cfg, distances, n, blocks, results, report) -> 
 
 
 def _write_outputs(cfg, model, distances, n, blocks, results, report, save_path: Path, distances_only: bool):
+    # A save_path holding only this run's resumable state is replaced by the finished output.
+    overwrite = cfg.overwrite or only_state(save_path)
     if distances_only or cfg.save_transform_only:
-        with atomic_output_dir(save_path, overwrite=cfg.overwrite) as tmp:
+        with atomic_output_dir(save_path, overwrite=overwrite) as tmp:
             _write_side_files(tmp, cfg, distances, n, blocks, results, report)
         return
-    export_hf(model, save_path, dtype=cfg.save_dtype, overwrite=cfg.overwrite,
+    export_hf(model, save_path, dtype=cfg.save_dtype, overwrite=overwrite,
               write_extra=lambda tmp: _write_side_files(tmp, cfg, distances, n, blocks, results, report))

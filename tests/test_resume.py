@@ -1,0 +1,85 @@
+"""Resumable runs: kill -9 in the middle of a compress run, rerun, get the bitwise same T."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from replaceme_jax.cli import main
+from tests.helpers import make_model
+from tests.test_replaceme import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compress_args(tmp_path, out, *extra):
+    return ["compress", "--set", f"model_path={tmp_path / 'm'}", "--set", f"dataset={tmp_path / 'd.jsonl'}",
+            "--set", "layers_to_skip=2", "--set", "max_length=48", "--set", "batch_size=4",
+            "--set", "dataset_size=64", "--set", "num_A=2", "--set", "merge_consecutive=false",
+            "--set", f"save_path={out}", "--set", "checkpoint_every=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("resume")
+    make_model(tmp_path / "m", "llama", num_hidden_layers=6)
+    write_corpus(tmp_path / "d.jsonl", rows=64)
+    assert main(compress_args(tmp_path, tmp_path / "clean") + ["-q"]) == 0
+    return tmp_path, load_file(str(tmp_path / "clean" / "transforms.safetensors"))
+
+
+def wait_for_checkpoint(state_dir: Path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(state_dir.glob("pass1/*")) and any(p.name.isdigit() for p in (state_dir / "pass1").iterdir()):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.7, 1.5])
+def test_kill_9_and_resume_gives_bitwise_identical_T(setup, delay):
+    tmp_path, clean = setup
+    out = tmp_path / f"killed_{delay}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "replaceme_jax.cli", *compress_args(tmp_path, out), "-q"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = wait_for_checkpoint(out / ".state", proc)
+    time.sleep(delay)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert started
+    assert not (out / "config.json").exists() or proc.returncode == 0  # no partial model
+    assert main(compress_args(tmp_path, out) + ["-q"]) == 0
+    resumed = load_file(str(out / "transforms.safetensors"))
+    assert sorted(resumed) == sorted(clean)
+    for key in clean:
+        np.testing.assert_array_equal(resumed[key], clean[key])
+    assert not (out / ".state").exists()
+
+
+def test_changed_config_refuses_to_resume_and_restart_discards(setup, capsys):
+    tmp_path, clean = setup
+    out = tmp_path / "changed"
+    state = out / ".state"
+    state.mkdir(parents=True)
+    from replaceme_jax.checkpointing import RunState
+    from replaceme_jax.config import CompressConfig, to_dict
+
+    cfg = CompressConfig(alpha=0.5)
+    RunState(out, to_dict(cfg), {"path": "x"}, every=1)
+    with pytest.raises(Exception, match="config field 'alpha' differs"):
+        RunState(out, to_dict(CompressConfig(alpha=0.0)), {"path": "x"}, every=1)
+    with pytest.raises(Exception, match="model"):
+        RunState(out, to_dict(cfg), {"path": "y"}, every=1)
+    RunState(out, to_dict(CompressConfig(alpha=0.0)), {"path": "x"}, every=1, restart=True)
+    meta = json.loads((state / "meta.json").read_text())
+    assert meta["config"]["alpha"] == 0.0
