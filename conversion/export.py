@@ -13,7 +13,7 @@ import numpy as np
 from conversion.atomic import atomic_output_dir
 from conversion.maps import WEIGHT_MAPS
 from conversion.model_io import TOKENIZER_FILES, LoadedModel, dtype_name, parse_dtype
-from conversion.weight_map import flatten_params, param_to_hf_key, to_hf_layout
+from conversion.weight_map import flatten_params, param_to_hf_keys, to_hf_layout
 from replaceme_jax.errors import ReplaceMeError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ def export_config(model: LoadedModel, dtype: str) -> dict:
     if not cfg.get("architectures"):
         cfg["architectures"] = [
             {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "qwen3": "Qwen3ForCausalLM"}[model.config.model_type]
+             "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+             "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}[model.config.model_type]
         ]
     return cfg
 
@@ -75,23 +76,31 @@ def write_hf_weights(model: LoadedModel, out: Path, dtype, max_shard_bytes: int)
 
     rules = WEIGHT_MAPS[model.config.model_type]
     itemsize = np.dtype(dtype).itemsize
-    shards: list[list[tuple[str, object, object]]] = [[]]
+    # (key, rule, path, leaf, slice index or None): a stacked parameter is one HF tensor per slice
+    shards: list[list[tuple]] = [[]]
     size = 0
     for path, leaf in flatten_params(model.params).items():
-        rule, key = param_to_hf_key(rules, path)
-        nbytes = int(np.prod(leaf.shape)) * itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((key, rule, leaf))
-        size += nbytes
+        rule, keys = param_to_hf_keys(rules, path, leaf.shape)
+        nbytes = int(np.prod(leaf.shape)) * itemsize // len(keys)
+        for key, index in keys:
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((key, rule, path, leaf, index))
+            size += nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     total = 0
     for name, shard in zip(names, shards):
         # One shard on host at a time keeps host memory at max_shard_bytes beyond the params.
-        tensors = {key: _host_tensor(rule, leaf, dtype) for key, rule, leaf in shard}
+        tensors = {}
+        host_path = host = None
+        for key, rule, path, leaf, index in shard:
+            if path != host_path:  # one device-to-host copy per parameter, not per slice
+                host_path, host = path, np.asarray(leaf)
+            tensors[key] = _host_tensor(rule, host if index is None else host[index], dtype)
+        del host
         total += sum(t.nbytes for t in tensors.values())
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update({key: name for key in tensors})
@@ -121,9 +130,18 @@ def export_hf(model: LoadedModel, dst: str | os.PathLike, dtype: str | None = No
     return dst
 
 
-def check_output_parent_writable(dst: str | os.PathLike) -> None:
+def exported_bytes(params, dtype) -> int:
+    return sum(int(np.prod(x.shape)) for x in flatten_params(params).values()) * np.dtype(parse_dtype(dtype)).itemsize
+
+
+def check_output_location(dst: str | os.PathLike, needed_bytes: int) -> None:
+    """Fail before any heavy work if the output cannot be written or would not fit on its disk."""
     parent = Path(dst).resolve().parent
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise ReplaceMeError(f"{dst}: output location is not writable")
+    free = shutil.disk_usage(parent).free
+    if needed_bytes > free:
+        raise ReplaceMeError(f"{dst}: not enough disk space ({needed_bytes / 2**20:.0f} MiB needed, "
+                             f"{free / 2**20:.0f} MiB free)")

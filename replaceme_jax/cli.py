@@ -40,17 +40,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, help="YAML config (keys as in the reference ReplaceMe tool)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         p.add_argument("--overwrite", action="store_true", help="replace an existing save_path")
+        p.add_argument("--restart", action="store_true", help="discard the saved state of an interrupted run")
         _add_common(p)
+
+    p = sub.add_parser("evaluate", help="perplexity and zero-shot multiple-choice accuracy of one or more models")
+    p.add_argument("--model", action="append", required=True, metavar="PATH",
+                   help="HF directory, GGUF file, orbax checkpoint or 'smollm2-135m'; repeat to compare "
+                        "(later models are also shown as %% of the first)")
+    p.add_argument("--tasks", required=True, help="comma-separated: wikitext2, lambada_openai, arc_easy, "
+                   "arc_challenge, piqa, hellaswag, winogrande, boolq, openbookqa, ppl:FILE, mc:FILE")
+    p.add_argument("--data-dir", default=None, help="folder of the task files (default: ../shared/data/eval)")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task (windows for perplexity)")
+    p.add_argument("--max-length", type=int, default=1024,
+                   help="perplexity window in tokens; longer multiple-choice inputs are cut on the left")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", default=None, help="JSON report; a bar chart PNG is written next to it")
+    _add_common(p)
     return parser
 
 
 def cmd_convert(args) -> int:
     from conversion import export_hf, load_model, save_orbax
+    from conversion.export import check_output_location, exported_bytes
     from conversion.model_io import check_finite
 
     start = time.perf_counter()
     model = load_model(args.src, dtype=args.dtype)
     check_finite(model.params, args.src)
+    check_output_location(args.dst, exported_bytes(model.params, args.dtype or model.source_dtype))
     log.info("loaded %s (%s, %d layers) in %.1f s", args.src, model.config.model_type,
              model.config.num_hidden_layers, time.perf_counter() - start)
     if args.format == "orbax":
@@ -71,7 +88,7 @@ def _compress_config(args):
 def cmd_compress(args, distances_only: bool = False) -> int:
     from replaceme_jax.replaceme.pipeline import compress
 
-    result = compress(_compress_config(args), distances_only=distances_only)
+    result = compress(_compress_config(args), distances_only=distances_only, restart=args.restart)
     report = result.report
     print(f"blocks removed: {report['blocks']} ({report['num_hidden_layers_before']} -> "
           f"{report['num_hidden_layers_after']} layers, {report['calibration_tokens']} calibration tokens)")
@@ -89,7 +106,21 @@ def cmd_distances(args) -> int:
     return cmd_compress(args, distances_only=True)
 
 
-COMMANDS = {"convert": cmd_convert, "compress": cmd_compress, "distances": cmd_distances}
+def cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from replaceme_jax.evaluate import markdown_table, run_evaluation
+
+    report = run_evaluation(args.model, args.tasks, data_dir=args.data_dir, limit=args.limit,
+                            max_length=args.max_length, batch_size=args.batch_size, output=args.output,
+                            progress=not args.quiet)
+    print(markdown_table(report))
+    if args.output:
+        print(f"wrote {args.output} and {Path(args.output).with_suffix('.png')}")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "compress": cmd_compress, "distances": cmd_distances, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"replaceme-jax: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # disk full, read-only location, ...: one line, no traceback
+        if debug:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"replaceme-jax: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("replaceme-jax: interrupted", file=sys.stderr)
         return 130

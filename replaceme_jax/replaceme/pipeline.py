@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from conversion import LoadedModel, export_hf, load_model, load_tokenizer
+from conversion.export import check_output_location, exported_bytes
 from conversion.atomic import atomic_output_dir
 from conversion.model_io import check_finite
 from replaceme_jax import __version__
@@ -158,6 +159,10 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     starts = candidate_starts(num_layers, n, cfg.min_distance_layer)
     if cfg.num_A > len(starts):
         raise UsageError(f"num_A={cfg.num_A} blocks of {n} layers do not fit in {num_layers} layers")
+    if save_path is not None and is_main_process():
+        needed = 0 if (distances_only or cfg.save_transform_only) else exported_bytes(
+            model.params, cfg.save_dtype or model.source_dtype)
+        check_output_location(save_path, needed)
     state = None
     if cfg.checkpoint_every > 0 and save_path is not None and is_main_process():
         state = RunState(save_path, to_dict(cfg), model_fingerprint(resolve_builtin(cfg.model_path)),
