@@ -63,7 +63,8 @@ def calibration_batches(cfg: CompressConfig, model: LoadedModel, tokenizer):
     sequences = load_calibration(
         cfg.dataset, tokenizer, cfg.max_length, size=cfg.dataset_size, column=cfg.dataset_column,
         split=cfg.dataset_subset, chat_format=cfg.chat_format, params=model.params, config=model.config,
-        seed=cfg.seed, temperature=cfg.self_temperature, top_k=cfg.self_top_k,
+        seed=cfg.seed, temperature=cfg.self_temperature, top_k=cfg.self_top_k, top_p=cfg.self_top_p,
+        generation_batch_size=cfg.self_batch_size,
     )
     return make_batches(sequences, cfg.batch_size, cfg.max_length, pad_token_id(tokenizer), bucket=cfg.bucket,
                         sort_by_length=cfg.sort_by_length)

@@ -1,0 +1,284 @@
+"""Calibration text sampled from the model itself, so compression runs with no data set at all.
+
+Generation is one jitted function per batch over the params pytree of ``models/llama.py``: a prefill
+of the prompt prefix every row shares fills a preallocated KV cache (one ``[B, kv_heads, T, head_dim]``
+pair per layer), then a ``lax.while_loop`` feeds one token per step until every row has emitted EOS or
+reached its length. Rows have no padding inside them (all start at position 0), so the attention mask
+is plain causal (plus the layer's sliding window) and the cache needs no validity mask. Prompt tokens
+past the shared prefix are fed through the same loop, forced instead of sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from replaceme_jax.data import pad_token_id
+from replaceme_jax.errors import ReplaceMeError, UnsupportedModelError
+from replaceme_jax.models import llama
+from replaceme_jax.models.common import Params, apply_rotary, rms_norm, rotary_cos_sin
+
+log = logging.getLogger(__name__)
+
+KVCache = list  # [(k, v)] per layer, each [B, kv_heads, T, head_dim]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. ``temperature=0`` is greedy (argmax)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_new_tokens: int = 0  # EOS is suppressed until a row has this many new tokens
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ReplaceMeError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ReplaceMeError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ReplaceMeError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def init_cache(c: llama.LlamaConfig, batch: int, length: int, dtype) -> KVCache:
+    shape = (batch, c.num_key_value_heads, length, c.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers)]
+
+
+def _cached_attention(p: dict, c: llama.LlamaConfig, x: jax.Array, start: jax.Array, cos, sin,
+                      k_cache: jax.Array, v_cache: jax.Array, window: int | None):
+    """``llama._attention`` for tokens at positions ``start..start+S-1`` against the cache (written first)."""
+    b, s, _ = x.shape
+    hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    q = llama._dense(p["q_proj"], x).reshape(b, s, hq, hd)
+    k = llama._dense(p["k_proj"], x).reshape(b, s, hkv, hd)
+    v = llama._dense(p["v_proj"], x).reshape(b, s, hkv, hd)
+    if c.qk_norm:
+        q = rms_norm(q, p["q_norm"]["scale"], c.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"]["scale"], c.rms_norm_eps)
+    q = apply_rotary(q, cos, sin)
+    k = apply_rotary(k, cos, sin)
+    # The cache is [B, kv_heads, T, head_dim]: both attention products are then plain batched matmuls
+    # over (B, kv_heads); with T second, XLA on CPU transposed the whole cache in every step (2-3x slower).
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, start, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, start, 0))
+
+    q = q.reshape(b, s, hkv, hq // hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, kv_heads, groups, S, hd]
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, k_cache, preferred_element_type=jnp.float32) * (hd**-0.5)
+    qpos = (start + jnp.arange(s, dtype=jnp.int32))[:, None]
+    kpos = jnp.arange(k_cache.shape[2], dtype=jnp.int32)[None, :]
+    allowed = kpos <= qpos  # also hides the cache slots not written yet
+    if window is not None:
+        allowed &= (qpos - kpos) < window
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v_cache).reshape(b, s, hq * hd)
+    return llama._dense(p["o_proj"], out), k_cache, v_cache
+
+
+def forward_cached(params: Params, c: llama.LlamaConfig, tokens: jax.Array, start: jax.Array, cache: KVCache,
+                   *, compute_logits: bool = True) -> tuple[jax.Array | None, KVCache]:
+    """Run ``tokens`` [B, S] at positions ``start..start+S-1`` (same for every row), updating the cache.
+
+    Returns the logits of the last position [B, V] in float32 (None without ``compute_logits``).
+    """
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
+    cos, sin = rotary_cos_sin(positions, c.inv_freq)
+    h = llama.embed(params, tokens)
+    new_cache = []
+    for index, (layer, (k_cache, v_cache)) in enumerate(zip(params["layers"], cache)):
+        attn, k_cache, v_cache = _cached_attention(
+            layer["self_attn"], c, rms_norm(h, layer["input_layernorm"]["scale"], c.rms_norm_eps), start, cos, sin,
+            k_cache, v_cache, c.window_of_layer(index))
+        y = h + attn
+        h = y + llama._mlp(layer["mlp"], rms_norm(y, layer["post_attention_layernorm"]["scale"], c.rms_norm_eps))
+        new_cache.append((k_cache, v_cache))
+    if not compute_logits:
+        return None, new_cache
+    logits = llama.lm_head(params, c, llama.final_norm(params, c, h[:, -1:]))[:, 0]
+    return logits.astype(jnp.float32), new_cache
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next token ids [B] from float32 logits [B, V]."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        # Mask everything below the k-th largest logit (ties at the threshold stay in, as in transformers).
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        logits = jnp.where(nucleus_mask(jax.nn.softmax(logits, axis=-1), sampling.top_p), logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def nucleus_mask(probs: jax.Array, top_p: float, iterations: int = 40) -> jax.Array:
+    """The top-p set of each row of ``probs`` [B, V]: the most likely tokens whose mass first reaches ``top_p``.
+
+    ``mass(t) = sum(probs >= t)`` falls as ``t`` rises; the nucleus is ``probs >= t*`` for the largest
+    ``t*`` with ``mass(t*) >= top_p``. Bisection finds ``t*`` to within ``2**-40`` by masked sums; the
+    usual sort of a 50k-150k vocabulary made each CPU decode step about 2x slower.
+    """
+    def mass(t):
+        return jnp.sum(jnp.where(probs >= t, probs, 0.0), axis=-1, keepdims=True)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        ok = mass(mid) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo = jnp.zeros(probs.shape[:-1] + (1,), probs.dtype)
+    hi = jnp.max(probs, axis=-1, keepdims=True)  # mass(max) >= top_p is possible; then lo ends close to it
+    lo, hi = jax.lax.fori_loop(0, iterations, step, (lo, hi))
+    lo = jnp.where(mass(hi) >= top_p, hi, lo)  # the most likely token alone already reaches top_p
+    return probs >= lo
+
+
+@functools.partial(jax.jit, static_argnames=("c", "prefix", "sampling", "pad_id"))
+def _generate_batch(params, tokens, prompt_lengths, limits, eos_ids, key, *, c, prefix, sampling, pad_id):
+    """tokens [B, T]: prompts, right-padded with ``pad_id``. Returns (tokens [B, T], lengths [B])."""
+    b, total = tokens.shape
+    cache = init_cache(c, b, total, params["embed_tokens"]["embedding"].dtype)
+    if prefix > 1:  # every row has at least `prefix` prompt tokens: fill their cache in one pass
+        _, cache = forward_cached(params, c, tokens[:, : prefix - 1], jnp.int32(0), cache, compute_logits=False)
+
+    def is_eos(tok):
+        return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+
+    def cond(state):
+        t, _, _, done, _ = state
+        return (t < total - 1) & ~jnp.all(done)
+
+    def body(state):
+        t, toks, cache, done, lengths = state
+        current = jax.lax.dynamic_slice_in_dim(toks, t, 1, axis=1)
+        logits, cache = forward_cached(params, c, current, t, cache)
+        p = t + 1  # the position being chosen
+        if sampling.min_new_tokens > 0:
+            too_early = (p - prompt_lengths) < sampling.min_new_tokens
+            eos_mask = jnp.any(jnp.arange(logits.shape[-1])[:, None] == eos_ids[None, :], axis=-1)
+            logits = jnp.where(too_early[:, None] & eos_mask[None, :], -jnp.inf, logits)
+        sampled = sample_logits(logits, jax.random.fold_in(key, t), sampling)
+        in_prompt = p < prompt_lengths
+        chosen = jnp.where(in_prompt, toks[:, p], jnp.where(done, pad_id, sampled))
+        stops = ~in_prompt & ~done & is_eos(chosen)
+        lengths = jnp.where(stops, p + 1, lengths)  # the EOS token is kept
+        done = done | stops | (~in_prompt & (p + 1 >= limits))
+        toks = jax.lax.dynamic_update_slice_in_dim(toks, chosen[:, None], p, axis=1)
+        return t + 1, toks, cache, done, lengths
+
+    done = prompt_lengths >= limits
+    state = (jnp.int32(prefix - 1), tokens, cache, done, limits)
+    _, tokens, _, _, lengths = jax.lax.while_loop(cond, body, state)
+    return tokens, lengths
+
+
+def generate(
+    params: Params,
+    c: llama.LlamaConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    key: jax.Array,
+    *,
+    sampling: Sampling = Sampling(),
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens, stopping a row at EOS.
+
+    Returns ``(tokens [B, T], lengths [B])`` with ``T = longest prompt + max_new_tokens``: row ``i`` is
+    ``tokens[i, :lengths[i]]`` (prompt, new tokens, and the EOS if one was drawn), then ``pad_id``.
+    Deterministic for a given ``key``: step ``t`` draws with ``fold_in(key, t)``.
+    """
+    if c.model_type not in llama.MODEL_TYPES:  # e.g. MoE configs subclass LlamaConfig but their MLP differs
+        raise UnsupportedModelError(
+            f"self-generated calibration supports {', '.join(llama.MODEL_TYPES)}, not {c.model_type!r}; "
+            f"pass a data file instead")
+    if max_new_tokens < 1:
+        raise ReplaceMeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ReplaceMeError("generation needs a non-empty prompt for every row")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    total = int(lengths.max()) + max_new_tokens
+    if total > c.max_position_embeddings:
+        log.warning("generating %d positions, past max_position_embeddings=%d", total, c.max_position_embeddings)
+    tokens = np.full((len(prompts), total), pad_id, np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, : len(p)] = p
+    eos = np.asarray(sorted(set(int(e) for e in eos_ids)) or [-1], np.int32)  # -1 never matches
+    out, out_lengths = _generate_batch(
+        params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(lengths + max_new_tokens), jnp.asarray(eos),
+        key, c=c, prefix=int(lengths.min()), sampling=sampling, pad_id=int(pad_id))
+    return np.asarray(out), np.asarray(out_lengths)
+
+
+def start_token_id(tokenizer) -> int:
+    """The token every self-generated sample starts from: BOS, else EOS (a document boundary)."""
+    for tid in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if tid is not None:
+            return int(tid)
+    raise ReplaceMeError("the tokenizer has neither a BOS nor an EOS token to start generation from")
+
+
+def _prompt_ids(tokenizer, prompts: Sequence[str] | None) -> list[list[int]]:
+    start = start_token_id(tokenizer)
+    if not prompts:
+        return [[start]]
+    out = []
+    for text in prompts:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        out.append([start] + ids)
+    return out
+
+
+def sample_texts(
+    params: Params,
+    config: llama.LlamaConfig,
+    tokenizer,
+    num_samples: int,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    prompts: Sequence[str] | None = None,
+    min_new_tokens: int = 0,
+) -> list[np.ndarray]:
+    """``num_samples`` token sequences (int32) sampled from the model, for calibration.
+
+    Each starts with the start token (BOS, else EOS) followed by a seed prompt (``prompts`` used in
+    turn; none by default) and holds up to ``max_new_tokens`` new tokens, ending early at EOS. Batches
+    have a fixed shape (the last is filled up with extra rows that are dropped), so one compilation
+    serves the whole run. The same ``seed`` gives the same samples.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ReplaceMeError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens)
+    prompt_ids = _prompt_ids(tokenizer, prompts)
+    eos_ids = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
+    pad_id = pad_token_id(tokenizer)
+    key = jax.random.key(seed)
+    samples: list[np.ndarray] = []
+    for batch_index, first in enumerate(range(0, num_samples, batch_size)):
+        rows = [prompt_ids[(first + r) % len(prompt_ids)] for r in range(batch_size)]
+        tokens, lengths = generate(params, config, rows, max_new_tokens, jax.random.fold_in(key, batch_index),
+                                   sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+        for r in range(min(batch_size, num_samples - first)):
+            samples.append(tokens[r, : lengths[r]].copy())
+    return samples
+
+
+def decode_samples(tokenizer, samples: Sequence[np.ndarray], skip_special_tokens: bool = True) -> list[str]:
+    """The samples as text."""
+    return [tokenizer.decode(np.asarray(s).tolist(), skip_special_tokens=skip_special_tokens) for s in samples]
