@@ -19,7 +19,7 @@ from conversion.weight_map import (
     WeightRule,
     empty_like_specs,
     flatten_params,
-    hf_key_to_param,
+    match_hf_key,
     set_path,
     to_params_layout,
 )
@@ -100,7 +100,11 @@ def _config_dtype(hf_config: dict) -> str:
 
 
 class ParamFiller:
-    """Fills a params tree from (HF key, tensor) pairs and checks the one-to-one correspondence."""
+    """Fills a params tree from (HF key, tensor) pairs and checks the one-to-one correspondence.
+
+    A stacked parameter (per-expert HF tensors) is assembled in a host buffer and placed once every
+    slice has arrived.
+    """
 
     def __init__(self, config, rules: tuple[WeightRule, ...], dtype, place: PlaceFn, source: str):
         self.config = config
@@ -112,23 +116,42 @@ class ParamFiller:
         self.flat_specs = flatten_params(self.specs)
         self.params = empty_like_specs(self.specs)
         self.filled: set[str] = set()
+        self.stacking: dict[str, tuple[np.ndarray, set[int]]] = {}  # path -> (buffer, slices filled)
 
     def add(self, hf_key: str, load: Callable[[], np.ndarray]) -> None:
-        found = hf_key_to_param(self.rules, hf_key)
+        found = match_hf_key(self.rules, hf_key)
         if found is None:
             if hf_key.endswith("rotary_emb.inv_freq"):  # non-persistent buffer some old exports contain
                 return
             raise CheckpointError(f"{self.source}: unexpected tensor {hf_key!r} (not used by {self.config.model_type})")
-        rule, path = found
-        if path.startswith("lm_head.") and self.config.tie_word_embeddings:
+        rule, fields = found
+        paths = rule.param_paths(fields)
+        if paths[0].startswith("lm_head.") and self.config.tie_word_embeddings:
             # Some tied checkpoints also store the (identical) head; transformers ignores it, so do we.
             return
-        spec = self.flat_specs.get(path)
-        if spec is None:
-            raise CheckpointError(f"{self.source}: tensor {hf_key!r} does not fit the config (no parameter {path})")
-        if path in self.filled:
-            raise CheckpointError(f"{self.source}: tensor {hf_key!r} appears twice")
-        array = to_params_layout(rule, load())
+        for path in paths:
+            if path not in self.flat_specs:
+                raise CheckpointError(f"{self.source}: tensor {hf_key!r} does not fit the config (no parameter {path})")
+            if path in self.filled:
+                raise CheckpointError(f"{self.source}: tensor {hf_key!r} appears twice")
+        array = load()
+        chunks = [array]
+        if rule.parts:
+            if array.shape[rule.split_axis] % len(rule.parts):
+                raise CheckpointError(f"{self.source}: tensor {hf_key!r} of shape {tuple(array.shape)} does not split "
+                                      f"into {len(rule.parts)} along axis {rule.split_axis}")
+            chunks = np.split(array, len(rule.parts), axis=rule.split_axis)
+        for path, chunk in zip(paths, chunks):
+            chunk = to_params_layout(rule, chunk)
+            if rule.stacked:
+                self._add_slice(hf_key, path, int(fields["j"]), chunk)
+            else:
+                self._add_whole(hf_key, path, chunk)
+
+    def _add_whole(self, hf_key: str, path: str, array: np.ndarray) -> None:
+        spec = self.flat_specs[path]
+        if path in self.stacking:
+            raise CheckpointError(f"{self.source}: tensor {hf_key!r} appears twice (also stored per slice)")
         if tuple(array.shape) != spec.shape:
             raise CheckpointError(
                 f"{self.source}: tensor {hf_key!r} has shape {tuple(array.shape)}, config implies {spec.shape}"
@@ -137,10 +160,32 @@ class ParamFiller:
         set_path(self.params, path, self.place(path, spec, array))
         self.filled.add(path)
 
+    def _add_slice(self, hf_key: str, path: str, index: int, array: np.ndarray) -> None:
+        spec = self.flat_specs[path]
+        if tuple(array.shape) != spec.shape[1:] or index >= spec.shape[0]:
+            raise CheckpointError(
+                f"{self.source}: tensor {hf_key!r} (slice {index}, shape {tuple(array.shape)}) does not fit "
+                f"parameter {path} of shape {spec.shape}"
+            )
+        buffer, seen = self.stacking.setdefault(path, (np.empty(spec.shape, self.dtype), set()))
+        if index in seen:
+            raise CheckpointError(f"{self.source}: tensor {hf_key!r} appears twice")
+        buffer[index] = array
+        seen.add(index)
+        if len(seen) == spec.shape[0]:
+            del self.stacking[path]
+            set_path(self.params, path, self.place(path, spec, buffer))
+            self.filled.add(path)
+
     def finish(self) -> dict:
         missing = sorted(set(self.flat_specs) - self.filled)
         if missing:
-            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            def describe(path):
+                if path not in self.stacking:
+                    return path
+                absent = sorted(set(range(self.flat_specs[path].shape[0])) - self.stacking[path][1])
+                return f"{path} (slices {', '.join(map(str, absent))})"
+            shown = ", ".join(describe(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise CheckpointError(f"{self.source}: missing {len(missing)} tensor(s): {shown}")
         return self.params
 

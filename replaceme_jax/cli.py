@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--restart", action="store_true", help="discard the saved state of an interrupted run")
         _add_common(p)
 
+    p = sub.add_parser("experts", help="MoE expert pruning (frequency, EAN, REAP) or merging (REAM)")
+    p.add_argument("--config", default=None, help="YAML config (method, num_experts or compression_ratio, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing save_path")
+    _add_common(p)
+
     p = sub.add_parser("evaluate", help="perplexity and zero-shot multiple-choice accuracy of one or more models")
     p.add_argument("--model", action="append", required=True, metavar="PATH",
                    help="HF directory, GGUF file, orbax checkpoint or 'smollm2-135m'; repeat to compare "
@@ -120,7 +126,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "compress": cmd_compress, "distances": cmd_distances, "evaluate": cmd_evaluate}
+def cmd_experts(args) -> int:
+    from replaceme_jax.config import load_config
+    from replaceme_jax.experts.config import ExpertsConfig
+    from replaceme_jax.experts.pipeline import compress_experts
+
+    overrides = list(args.set) + (["overwrite=true"] if args.overwrite else [])
+    result = compress_experts(load_config(ExpertsConfig, args.config, overrides))
+    report = result.report
+    print(f"{report['method']}: {report['num_experts_before']} -> {report['num_experts_after']} experts per layer "
+          f"({report['calibration_tokens']} calibration tokens)")
+    print(f"wrote model, experts_report.json and experts_recipe.json to {result.save_path}")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "compress": cmd_compress, "distances": cmd_distances, "evaluate": cmd_evaluate,
+            "experts": cmd_experts}
 
 
 def main(argv: list[str] | None = None) -> int:

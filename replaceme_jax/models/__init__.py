@@ -6,9 +6,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from replaceme_jax.errors import UnsupportedModelError
-from replaceme_jax.models import llama
+from replaceme_jax.models import llama, moe
 
 FAMILIES: dict[str, ModuleType] = {model_type: llama for model_type in llama.MODEL_TYPES}
+FAMILIES.update({model_type: moe for model_type in moe.MODEL_TYPES})
 
 
 def family_for(model_type: str | None) -> ModuleType:

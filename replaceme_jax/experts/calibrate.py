@@ -1,0 +1,117 @@
+"""Calibration passes that feed the expert statistics, one layer at a time.
+
+``LayerwiseCalibration`` keeps the residual stream of every calibration batch on the host and
+advances it one layer at a time, so a layer can be compressed before the next layer's statistics
+are gathered (REAM's sequential mode) and only one layer's activations live on the device.
+``collect_statistics`` is the one-call version for the unmodified model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from replaceme_jax.experts.stats import ExpertStats, init_stats, update_stats
+from replaceme_jax.models import llama, moe
+from replaceme_jax.models.common import Params
+from replaceme_jax.models.moe import MoeConfig
+
+
+def _canonical_layer(config: MoeConfig, index: int) -> int:
+    # The layer index only selects the attention window; mapping it to the first layer of the same kind
+    # lets every layer share one compilation per batch shape.
+    return config.layer_types.index(config.layer_types[index])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layer_index", "dispatch", "with_x"))
+def _layer_step(layer: dict, stats: ExpertStats | None, h: jax.Array, attention_mask: jax.Array, *,
+                config: MoeConfig, layer_index: int, dispatch: str, with_x: bool):
+    ctx = llama.attention_context(config, attention_mask.shape, attention_mask)
+    h_next, _, _, aux = moe.decoder_layer_with_aux(layer, config, layer_index, h, ctx, dispatch=dispatch)
+    if stats is not None:
+        stats = update_stats(stats, aux, attention_mask.reshape(-1).astype(bool))
+    return h_next, stats, (aux.x if with_x else None)
+
+
+class LayerwiseCalibration:
+    """The residual streams ``h_l`` of a set of batches, advanced layer by layer.
+
+    ``batches``: (input_ids, attention_mask) pairs. ``sample_tokens``: how many real tokens to sample
+    (the same positions at every layer) for statistics that run every expert (REAM).
+    """
+
+    def __init__(self, params: Params, config: MoeConfig, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
+                 dispatch: str = "auto", sample_tokens: int = 0, seed: int = 0):
+        self.config = config
+        self.dispatch = dispatch
+        self.masks = [np.asarray(mask, np.int32) for _, mask in batches]
+        ids = [np.asarray(i, np.int32) for i, _ in batches]
+        self.hidden = [np.asarray(llama.embed(params, jnp.asarray(i))) for i in ids]
+        self.layer = 0
+        self.sample_index = self._choose_sample(sample_tokens, seed)
+
+    def _choose_sample(self, n: int, seed: int) -> list[np.ndarray] | None:
+        if n <= 0:
+            return None
+        flat = [np.flatnonzero(m.reshape(-1)) for m in self.masks]
+        total = sum(len(f) for f in flat)
+        chosen = np.sort(np.random.default_rng(seed).permutation(total)[: min(n, total)])
+        out, offset = [], 0
+        for f in flat:
+            out.append(f[chosen[(chosen >= offset) & (chosen < offset + len(f))] - offset])
+            offset += len(f)
+        return out
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(m.sum() for m in self.masks))
+
+    def _run(self, layer: dict, config: MoeConfig, stats: ExpertStats | None, want_sample: bool,
+             progress: Callable[[], None] | None):
+        outputs, samples = [], []
+        index = _canonical_layer(config, self.layer)
+        with_x = want_sample and self.sample_index is not None
+        for b, (h, mask) in enumerate(zip(self.hidden, self.masks)):
+            h_next, stats, x = _layer_step(layer, stats, jnp.asarray(h), jnp.asarray(mask), config=config,
+                                           layer_index=index, dispatch=self.dispatch, with_x=with_x)
+            outputs.append(np.asarray(h_next))
+            if with_x and len(self.sample_index[b]):
+                samples.append(np.asarray(jnp.take(x, jnp.asarray(self.sample_index[b]), axis=0)))
+            if progress is not None:
+                progress()
+        sample = np.concatenate(samples) if samples else None
+        return outputs, stats, sample
+
+    def statistics(self, layer: dict, *, want_sample: bool = False,
+                   progress: Callable[[], None] | None = None) -> tuple[ExpertStats, np.ndarray | None, list]:
+        """Statistics of the current layer (params ``layer``) over every batch, the sampled MoE inputs
+        ``[Ns, D]`` (if asked), and the layer's outputs (pass them to ``advance`` to keep them)."""
+        e = layer["mlp"]["gate"]["kernel"].shape[-1]
+        stats = init_stats(e, self.config.hidden_size)
+        outputs, stats, sample = self._run(layer, self.config, stats, want_sample, progress)
+        return stats, sample, outputs
+
+    def advance(self, layer: dict | None = None, outputs: list | None = None,
+                progress: Callable[[], None] | None = None) -> None:
+        """Move to the next layer, through ``layer`` (params, any expert count) or with given ``outputs``."""
+        if outputs is None:
+            config = self.config.with_experts(int(layer["mlp"]["gate"]["kernel"].shape[-1]))
+            outputs, _, _ = self._run(layer, config, None, False, progress)
+        self.hidden = outputs
+        self.layer += 1
+
+
+def collect_statistics(params: Params, config: MoeConfig, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
+                       dispatch: str = "auto") -> list[ExpertStats]:
+    """Statistics of every layer of the unmodified model over ``batches``."""
+    run = LayerwiseCalibration(params, config, list(batches), dispatch=dispatch)
+    out = []
+    for layer in params["layers"]:
+        stats, _, outputs = run.statistics(layer)
+        out.append(stats)
+        run.advance(outputs=outputs)
+    return out
