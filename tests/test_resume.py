@@ -83,3 +83,38 @@ def test_changed_config_refuses_to_resume_and_restart_discards(setup, capsys):
     RunState(out, to_dict(CompressConfig(alpha=0.0)), {"path": "x"}, every=1, restart=True)
     meta = json.loads((state / "meta.json").read_text())
     assert meta["config"]["alpha"] == 0.0
+
+
+def test_cosine_solver_resumes_from_an_epoch_state():
+    from replaceme_jax.replaceme.solvers import fit_cosine
+
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((2048, 8)).astype(np.float32)
+    target = M @ (np.eye(8) + 0.3 * rng.standard_normal((8, 8)))
+    states = []
+    full = fit_cosine(M, target, lr=1e-2, epochs=4, batch_rows=256, on_epoch=states.append)
+    resumed = fit_cosine(M, target, lr=1e-2, epochs=4, batch_rows=256, resume=states[1])
+    np.testing.assert_array_equal(resumed.T, full.T)
+    assert resumed.losses == full.losses
+
+
+def test_cosine_run_resumes_after_kill(setup):
+    tmp_path, _ = setup
+    extra = ["--set", "method=cosine", "--set", "num_A=1", "--set", "cosine_epochs=60",
+             "--set", "cosine_batch_rows=64"]
+    assert main(compress_args(tmp_path, tmp_path / "cos_clean", *extra) + ["-q"]) == 0
+    clean = load_file(str(tmp_path / "cos_clean" / "transforms.safetensors"))
+    out = tmp_path / "cos_killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "replaceme_jax.cli", *compress_args(tmp_path, out, *extra), "-q"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not any((out / ".state").glob("cosine_0/[0-9]*")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "config.json").exists()
+    assert main(compress_args(tmp_path, out, *extra) + ["-q"]) == 0
+    resumed = load_file(str(out / "transforms.safetensors"))
+    for key in clean:
+        np.testing.assert_array_equal(resumed[key], clean[key])

@@ -9,7 +9,9 @@ import platform
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from conversion import LoadedModel, export_hf, load_model, load_tokenizer
@@ -24,7 +26,8 @@ from replaceme_jax.config import CompressConfig, to_dict
 from replaceme_jax.errors import ReplaceMeError, UsageError
 from replaceme_jax.replaceme.merge import replace_block
 from replaceme_jax.replaceme.selection import candidate_starts, select_blocks
-from replaceme_jax.replaceme.solvers import NormalEquations, fit_cosine, lstsq_from_normal_equations
+from replaceme_jax.replaceme.solvers import (NormalEquations, cosine_state, fit_cosine,
+                                             lstsq_from_normal_equations)
 from replaceme_jax.sharding import (check_batch_divides, gather_to_host, initialize_distributed, is_main_process,
                                     make_mesh, place_fn, shard_params)
 from replaceme_jax.report import StageTimer, plot_distances, to_jsonable, write_distances_csv, write_json
@@ -80,7 +83,7 @@ def _check_enough_data(cfg: CompressConfig, batches, dim: int) -> None:
 
 
 def _solve_block(cfg: CompressConfig, model: LoadedModel, block_now: tuple[int, int], equations: NormalEquations,
-                 batches, rows: RowPolicy, timer: StageTimer, mesh=None) -> tuple[np.ndarray | None, dict]:
+                 batches, rows: RowPolicy, timer: StageTimer, mesh=None, checkpoint=None) -> tuple[np.ndarray | None, dict]:
     if cfg.method == "uidl":
         return None, {"method": "uidl"}
     if cfg.method == "lstsq":
@@ -96,13 +99,23 @@ def _solve_block(cfg: CompressConfig, model: LoadedModel, block_now: tuple[int, 
     if cfg.cosine_init == "lstsq":
         T0, _ = lstsq_from_normal_equations(equations.A, equations.B, cfg.alpha)
     target = data["h_end"] if cfg.accurate else data["h_end"] - data["Y"]
+    resume = None
+    if checkpoint is not None:
+        # the template's shapes come from a zero-epoch state of the same problem
+        template = cosine_state(np.zeros((model.config.hidden_size,) * 2, np.float32),
+                                optax.adam(cfg.cosine_lr).init(jnp.zeros((model.config.hidden_size,) * 2)),
+                                jax.random.PRNGKey(0), [0.0], cfg.cosine_epochs)
+        restored = checkpoint.restore(template)
+        resume = restored[1] if restored is not None else None
     with timer("solve"), tqdm(total=cfg.cosine_epochs, desc="cosine epochs", disable=None) as bar:
         def report(epoch, loss):
             bar.set_postfix(loss=f"{loss:.5f}")
             bar.update(1)
         result = fit_cosine(data["M"], target, data["Y"], accurate=cfg.accurate, loss=cfg.loss, T0=T0,
                             lr=cfg.cosine_lr, epochs=cfg.cosine_epochs, batch_rows=cfg.cosine_batch_rows,
-                            seed=cfg.seed, progress=report)
+                            seed=cfg.seed, progress=report, resume=resume,
+                            on_epoch=(lambda st: checkpoint.save(int(st["epochs_done"][0]), st, force=True))
+                            if checkpoint is not None else None)
     return result.T, {"method": "cosine", "loss": cfg.loss, "accurate": cfg.accurate, "init": cfg.cosine_init,
                       "rows_used": int(len(data["M"])), "rows_seen": int(data["seen"]),
                       "losses": result.losses, "lr": cfg.cosine_lr, "epochs": cfg.cosine_epochs}
@@ -123,7 +136,8 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1_equations, n,
             equations = run_capture(source.params, source.config, stats_spec, batches, progress=bar, mesh=mesh,
                                     checkpoint=state.pass_state(f"stats_{index}") if state else None).equations[0]
     T, solver_info = _solve_block(cfg, current if cfg.sequential else model,
-                                  block_now if cfg.sequential else block, equations, batches, rows, timer, mesh)
+                                  block_now if cfg.sequential else block, equations, batches, rows, timer, mesh,
+                                  checkpoint=state.pass_state(f"cosine_{index}") if state else None)
     return BlockResult(start=start, end=end, T=T,
                        relative_error_with_T=equations.relative_error(T) if T is not None else None,
                        relative_error_without_T=equations.relative_error(None), fit_rows=equations.rows,

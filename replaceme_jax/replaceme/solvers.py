@@ -114,13 +114,24 @@ class CosineResult:
     losses: list[float]  # full-data loss before training and after each epoch
 
 
+def cosine_state(T, opt_state, key, losses: list[float], epochs: int) -> dict:
+    """Checkpointable solver state: plain arrays only (scalars as 1-element arrays, losses padded)."""
+    padded = np.full(epochs + 1, np.nan)
+    padded[: len(losses)] = losses
+    return {"T": np.asarray(T), "opt": [np.asarray(x).reshape(-1) for x in jax.tree.leaves(opt_state)],
+            "key": np.asarray(key), "losses": padded, "epochs_done": np.array([len(losses) - 1], np.int64)}
+
+
 def fit_cosine(M: np.ndarray, target: np.ndarray, Y: np.ndarray | None = None, *, accurate: bool = False,
                loss: str = "cosine", T0: np.ndarray | None = None, lr: float = 1e-4, epochs: int = 10,
                batch_rows: int = 1024, seed: int = 0,
-               progress: Callable[[int, float], None] | None = None) -> CosineResult:
+               progress: Callable[[int, float], None] | None = None,
+               resume: dict | None = None, on_epoch: Callable[[dict], None] | None = None) -> CosineResult:
     """Adam on the cosine (or MSE) objective, rows resident on device, one jitted scan per epoch.
 
     ``target`` is ``h_end - Y`` in default mode and ``h_end`` in ``accurate`` mode (which needs ``Y``).
+    ``on_epoch`` receives the solver state after each epoch (see ``cosine_state``); passing such a
+    state back as ``resume`` continues from it with the same result as an uninterrupted fit.
     """
     if accurate and Y is None:
         raise ValueError("accurate mode needs the attention residual Y")
@@ -157,14 +168,26 @@ def fit_cosine(M: np.ndarray, target: np.ndarray, Y: np.ndarray | None = None, *
         return T, state, full_loss(T)
 
     with jax.default_matmul_precision("highest"):
-        losses = [float(jax.jit(full_loss)(T))]
         key = jax.random.PRNGKey(seed)
-        for i in range(epochs):
+        first = 0
+        if resume is not None:
+            first = int(resume["epochs_done"][0])
+            T = jnp.asarray(resume["T"], jnp.float32)
+            leaves, treedef = jax.tree.flatten(state)
+            state = jax.tree.unflatten(treedef, [jnp.asarray(v).reshape(l.shape).astype(l.dtype)
+                                                 for v, l in zip(resume["opt"], leaves)])
+            key = jnp.asarray(resume["key"], jnp.uint32)
+            losses = [float(v) for v in resume["losses"][: first + 1]]
+        else:
+            losses = [float(jax.jit(full_loss)(T))]
+        for i in range(first, epochs):
             key, sub = jax.random.split(key)
             T, state, value = epoch(T, state, sub)
             losses.append(float(value))
             if progress:
                 progress(i, losses[-1])
+            if on_epoch:
+                on_epoch(cosine_state(T, state, key, losses, epochs))
     T = np.asarray(T, np.float64)
     if not np.all(np.isfinite(T)):
         raise NumericalError("cosine solver diverged (NaN/Inf in T); lower cosine_lr")
