@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder of the task files (default: ../shared/data/eval)")
     p.add_argument("--limit", type=int, default=None, help="first N items of each task (windows for perplexity)")
     p.add_argument("--max-length", type=int, default=1024,
-                   help="perplexity window in tokens; longer multiple-choice inputs are cut on the left")
+                   help="perplexity window in tokens (each window scored alone, no BOS); longer "
+                        "multiple-choice inputs are cut on the left")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", default=None, help="JSON report; a bar chart PNG is written next to it")
     _add_common(p)
