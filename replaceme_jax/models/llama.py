@@ -305,8 +305,13 @@ def _attention(p: dict, c: LlamaConfig, x: jax.Array, ctx: AttentionContext, win
     k = apply_rotary(k, ctx.cos, ctx.sin)
 
     groups = hq // hkv
-    q = q.reshape(b, s, hkv, groups, hd)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * (hd**-0.5)
+    # [B, kv_heads, groups * S, hd]: one batched matmul per KV head (XLA:CPU runs this layout about
+    # 2x faster than a 5-D grouped einsum); query head j*groups+g is KV head j's group g, as in HF.
+    q = q.reshape(b, s, hkv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, groups * s, hd)
+    k = k.transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (hd**-0.5)
+    scores = scores.reshape(b, hkv, groups, s, s)
     qpos = ctx.positions[:, :, None]
     kpos = ctx.positions[:, None, :]
     allowed = (kpos <= qpos) & ctx.key_valid[:, None, :]
@@ -314,8 +319,9 @@ def _attention(p: dict, c: LlamaConfig, x: jax.Array, ctx: AttentionContext, win
         allowed &= (qpos - kpos) < window
     # A finite floor keeps fully masked rows (left-padding queries) finite instead of NaN.
     scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, s, hq * hd)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, hkv, groups * s, s)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).reshape(b, hkv, groups, s, hd)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, hq * hd)
     return _dense(p["o_proj"], out)
 
 
