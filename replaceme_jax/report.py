@@ -75,6 +75,29 @@ def plot_distances(path: Path, distances: dict[int, float], n: int, chosen: Sequ
     plt.close(fig)
 
 
+def plot_saliency_heatmap(path: Path, saliency: Sequence[Sequence[float]], kept: Sequence[Sequence[int]] | None,
+                          title: str = "") -> None:
+    """Experts x layers heatmap of a saliency score; kept experts are marked with a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.asarray(saliency, np.float64)  # [layers, experts]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * grid.shape[1] + 2), max(3.0, 0.25 * grid.shape[0] + 1.5)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    if kept is not None:
+        for layer, experts in enumerate(kept):
+            ax.scatter(experts, [layer] * len(experts), s=6, c="white", marker="o")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def to_jsonable(value):
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}

@@ -50,6 +50,7 @@ def test_reap_writes_the_pruned_model_report_and_recipe(workspace):
     report = json.loads((out / "experts_report.json").read_text())
     assert report["num_experts_before"] == 6 and report["num_experts_after"] == 3 and not report["sequential"]
     assert len(recipe["layers"]) == 2
+    assert (out / "experts_saliency.png").stat().st_size > 0
     for layer in recipe["layers"]:
         reap = np.array(layer["saliency"]["reap"])
         assert layer["kept"] == sorted(np.argsort(-reap, kind="stable")[:3].tolist())

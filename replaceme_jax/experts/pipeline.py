@@ -32,7 +32,7 @@ from replaceme_jax.experts.merge import ReamOptions, expert_distances, ream_laye
 from replaceme_jax.experts.prune import apply_layer_params, num_experts_to_keep, prune_mlp, select_experts
 from replaceme_jax.experts.stats import SALIENCY_METHODS, logit_cosine, saliency
 from replaceme_jax.models.moe import MoeConfig
-from replaceme_jax.report import StageTimer, write_json
+from replaceme_jax.report import StageTimer, plot_saliency_heatmap, write_json
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,11 @@ def compress_experts(cfg: ExpertsConfig) -> ExpertsResult:
     def write_extra(tmp: Path) -> None:
         write_json(tmp / "experts_recipe.json", recipe)
         write_json(tmp / "experts_report.json", report)
+        shown = recipe["saliency"]
+        if all(shown in e["saliency"] for e in entries):
+            plot_saliency_heatmap(tmp / "experts_saliency.png", [e["saliency"][shown] for e in entries],
+                                  [e.get("kept", []) for e in entries],
+                                  title=f"{shown} saliency per expert and layer (dots: kept)")
 
     with timer("export"):
         export_hf(compressed, save_path, dtype=cfg.save_dtype, overwrite=cfg.overwrite, write_extra=write_extra)
