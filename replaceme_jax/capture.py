@@ -31,9 +31,15 @@ class RowPolicy:
 
     include_pad_rows: bool = False  # the reference fits padding rows too
     exclude_first_token: bool = False  # drop position 0 (attention-sink / massive-activation rows)
+    normalize: bool = False  # weight each row by 1 / ||h_end - Y||^2: every token counts alike, whatever its scale
 
     def weights(self, attention_mask: jax.Array) -> jax.Array:
-        w = jnp.ones_like(attention_mask, jnp.float32) if self.include_pad_rows else attention_mask.astype(jnp.float32)
+        if self.include_pad_rows:
+            # pad positions of real sequences, as the reference; never the empty filler rows of a last batch
+            real_row = jnp.any(attention_mask > 0, axis=-1, keepdims=True)
+            w = jnp.broadcast_to(real_row, attention_mask.shape).astype(jnp.float32)
+        else:
+            w = attention_mask.astype(jnp.float32)
         if self.exclude_first_token:
             w = w.at[:, 0].set(0.0)
         return w
@@ -99,16 +105,19 @@ def capture_step(params, config, spec: CaptureSpec, input_ids, attention_mask):
             m = ms[start - 1].astype(jnp.float32).reshape(-1, dim)
             target = (hidden[end].astype(jnp.float32) - ys[start - 1].astype(jnp.float32)).reshape(-1, dim)
             h_end = hidden[end].astype(jnp.float32).reshape(-1, dim)
-            mw = m * w[:, None]
+            wb = w
+            if spec.rows.normalize:
+                wb = w / jnp.maximum(jnp.sum(target * target, -1), 1e-12)
+            mw = m * wb[:, None]
             A.append(jnp.einsum("nd,ne->de", mw, m, precision=HIGHEST))
             B.append(jnp.einsum("nd,ne->de", mw, target, precision=HIGHEST))
-            target_sq.append(jnp.sum(w * jnp.sum(target * target, -1)))
-            end_sq.append(jnp.sum(w * jnp.sum(h_end * h_end, -1)))
+            target_sq.append(jnp.sum(wb * jnp.sum(target * target, -1)))
+            end_sq.append(jnp.sum(wb * jnp.sum(h_end * h_end, -1)))
         out["A"] = jnp.stack(A)
         out["B"] = jnp.stack(B)
         out["target_sq"] = jnp.stack(target_sq)
         out["end_sq"] = jnp.stack(end_sq)
-        out["rows"] = jnp.sum(w)
+        out["rows"] = jnp.sum(w > 0)
     return out
 
 

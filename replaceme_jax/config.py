@@ -54,6 +54,9 @@ class CompressConfig:
     sort_by_length: bool = True  # group similar lengths (less padding); false keeps the data order
     include_pad_rows: bool = False  # the reference fits pad rows too; set true to reproduce it
     first_token_rows: Literal["include", "exclude"] = "include"
+    normalize_rows: bool = False  # weight rows by 1/||h_end - Y||^2 (massive-activation rows stop dominating)
+    ridge_target: Literal["zero", "identity"] = "zero"  # alpha ||T||^2 (reference) or alpha ||T - I||^2
+    alpha_relative: bool = False  # alpha is a fraction of mean(diag(A)) instead of an absolute value
     distance_state: Literal["residual", "reference"] = "residual"
     sequential: bool = True  # fit each later T on the model with earlier blocks already replaced
     one_pass_max_bytes: int = 4 * 1024**3  # gather every candidate's statistics in pass 1 below this size

@@ -239,3 +239,34 @@ def test_self_generated_calibration_needs_no_data(tmp_path):
                                          max_length=24, layers_to_skip=1, save_path=str(tmp_path / "out")))
     result = compress(cfg)
     assert result.report["calibration_tokens"] >= 32 and result.report["num_hidden_layers_after"] == 3
+
+
+def test_identity_ridge_shrinks_towards_dropping_the_block():
+    rng = np.random.default_rng(1)
+    M = rng.standard_normal((300, 5))
+    target = M @ rng.standard_normal((5, 5))
+    A, B = M.T @ M, M.T @ target
+    T, _ = lstsq_from_normal_equations(A, B, alpha=2.0, ridge_target="identity")
+    np.testing.assert_allclose(T, np.linalg.solve(A + 2.0 * np.eye(5), B + 2.0 * np.eye(5)), rtol=1e-10)
+    far, _ = lstsq_from_normal_equations(A, B, alpha=1e9, ridge_target="identity")
+    np.testing.assert_allclose(far, np.eye(5), atol=1e-5)
+
+
+def test_normalized_rows_equal_a_weighted_float64_fit(tmp_path):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=4)
+    model = load_model(tmp_path / "m")
+    cfg = run_config(tmp_path, tmp_path / "m")
+    from conversion import load_tokenizer
+    from replaceme_jax.replaceme.pipeline import calibration_batches
+
+    batches = calibration_batches(cfg, model, load_tokenizer(model))
+    rows = RowPolicy(normalize=True)
+    eq = run_capture(model.params, model.config, CaptureSpec(stats_blocks=((1, 3),), rows=rows), batches).equations[0]
+    data = collect_rows(model.params, model.config, (1, 3), rows, batches, max_rows=10**6)
+    M = data["M"].astype(np.float64)
+    target = data["h_end"].astype(np.float64) - data["Y"].astype(np.float64)
+    w = 1.0 / np.sum(target * target, -1)
+    expected = np.linalg.solve(M.T @ (M * w[:, None]), M.T @ (target * w[:, None]))
+    T, _ = lstsq_from_normal_equations(eq.A, eq.B)
+    np.testing.assert_allclose(T, expected, atol=1e-4 * np.abs(expected).max())
+    assert eq.rows == len(M)

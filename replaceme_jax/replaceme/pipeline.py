@@ -82,22 +82,29 @@ def _check_enough_data(cfg: CompressConfig, batches, dim: int) -> None:
             f"(need at least {dim}, or set alpha > 0)")
 
 
+def _absolute_alpha(cfg: CompressConfig, equations: NormalEquations) -> float:
+    # A relative alpha scales with the activations: a fraction of the mean diagonal of A.
+    return cfg.alpha * float(np.mean(np.diag(equations.A))) if cfg.alpha_relative else cfg.alpha
+
+
 def _solve_block(cfg: CompressConfig, model: LoadedModel, block_now: tuple[int, int], equations: NormalEquations,
                  batches, rows: RowPolicy, timer: StageTimer, mesh=None, checkpoint=None) -> tuple[np.ndarray | None, dict]:
     if cfg.method == "uidl":
         return None, {"method": "uidl"}
     if cfg.method == "lstsq":
+        alpha = _absolute_alpha(cfg, equations)
         with timer("solve"):
-            T, info = lstsq_from_normal_equations(equations.A, equations.B, cfg.alpha, cfg.diag)
+            T, info = lstsq_from_normal_equations(equations.A, equations.B, alpha, cfg.diag, cfg.ridge_target)
         return T, {"method": "lstsq", "condition_number": info.condition_number, "factorisation": info.method,
-                   "alpha": cfg.alpha, "diag": cfg.diag}
+                   "alpha": alpha, "ridge_target": cfg.ridge_target, "diag": cfg.diag}
     # cosine: needs the rows themselves, bounded by cosine_max_tokens
     with timer("collect_rows"), _progress(len(batches), "rows for cosine") as bar:
         data = collect_rows(model.params, model.config, block_now, rows, batches, cfg.cosine_max_tokens,
                             seed=cfg.seed, progress=bar, mesh=mesh)
     T0 = None
     if cfg.cosine_init == "lstsq":
-        T0, _ = lstsq_from_normal_equations(equations.A, equations.B, cfg.alpha)
+        T0, _ = lstsq_from_normal_equations(equations.A, equations.B, _absolute_alpha(cfg, equations), cfg.diag,
+                                            cfg.ridge_target)
     target = data["h_end"] if cfg.accurate else data["h_end"] - data["Y"]
     resume = None
     if checkpoint is not None:
@@ -189,7 +196,8 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     _check_enough_data(cfg, batches, dim)
     log.info("calibration: %d sequences, %d tokens, %d batches, shapes %s", batches.num_sequences,
              batches.num_tokens, len(batches), batches.shapes)
-    rows = RowPolicy(include_pad_rows=cfg.include_pad_rows, exclude_first_token=cfg.first_token_rows == "exclude")
+    rows = RowPolicy(include_pad_rows=cfg.include_pad_rows, exclude_first_token=cfg.first_token_rows == "exclude",
+                     normalize=cfg.normalize_rows)
 
     # Pass 1: distances of every candidate and, where memory allows, the normal equations of every
     # candidate block too, so that a single-block lstsq run needs one pass over the data.

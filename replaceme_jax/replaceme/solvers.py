@@ -52,16 +52,24 @@ class SolveInfo:
 
 
 def lstsq_from_normal_equations(A: np.ndarray, B: np.ndarray, alpha: float = 0.0,
-                                diag: bool = False) -> tuple[np.ndarray, SolveInfo]:
-    """T = (A + alpha I)^{-1} B in float64 (Cholesky; eigen-decomposition fallback when singular)."""
+                                diag: bool = False, ridge_target: str = "zero") -> tuple[np.ndarray, SolveInfo]:
+    """T = (A + alpha I)^{-1} (B + alpha T0) in float64 (Cholesky; eigen-decomposition fallback when singular).
+
+    ``ridge_target`` is T0: ``"zero"`` (the reference's ridge, alpha ||T||^2) or ``"identity"``
+    (alpha ||T - I||^2: shrinks towards plain dropping of the block instead of towards nothing).
+    """
     A = np.asarray(A, np.float64)
     B = np.asarray(B, np.float64)
+    if ridge_target == "identity" and alpha:
+        B = B + alpha * np.eye(A.shape[0])
+    elif ridge_target not in ("zero", "identity"):
+        raise ValueError(f"unknown ridge target {ridge_target!r}")
     if not (np.all(np.isfinite(A)) and np.all(np.isfinite(B))):
         raise NumericalError("normal equations contain NaN or Inf (activations overflowed)")
     dim = A.shape[0]
     if diag:
         denom = np.diag(A) + alpha
-        safe = np.where(denom > 0, denom, 1.0)
+        safe = np.where(denom > 0, denom, 1.0)  # B already holds the identity target's alpha
         return np.diag(np.where(denom > 0, np.diag(B) / safe, 1.0)), SolveInfo(float("nan"), "diag")
     regularised = A + alpha * np.eye(dim)
     eig = np.linalg.eigvalsh(regularised)
