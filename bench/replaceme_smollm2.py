@@ -24,17 +24,22 @@ DATA = ROOT.parent / "shared" / "data"
 
 BASE = dict(model_path="smollm2-135m", dataset=str(DATA / "calibration" / "c4_sample.jsonl"), dataset_column="text",
             dataset_size=256, batch_size=8, max_length=512, layers_to_skip=8, num_A=1, save_path=None)
-REFERENCE_ROWS = dict(include_pad_rows=True, bucket="longest", sort_by_length=False)
+REFERENCE_ROWS = dict(include_pad_rows=True, first_token_rows="include", bucket="longest", sort_by_length=False)
 
 VARIANTS = {
     # name: (config overrides, what it shows)
     "uidl": (dict(method="uidl"), "drop the block, no T"),
-    "lstsq": (dict(method="lstsq"), "ours: pad rows excluded"),
+    "lstsq": (dict(method="lstsq"), "ours (default): pad and first-position rows excluded"),
+    "lstsq_with_first_token": (dict(method="lstsq", first_token_rows="include"), "pad rows excluded only"),
     "lstsq_reference_rows": (dict(method="lstsq", **REFERENCE_ROWS), "the reference's fit: pad rows included"),
-    "lstsq_no_first_token": (dict(method="lstsq", first_token_rows="exclude"), "first-position rows excluded"),
-    "cosine": (dict(method="cosine"), "reference cosine settings (identity init, lr 1e-4, 10 epochs)"),
+    "cosine": (dict(method="cosine"), "reference cosine settings (identity init, lr 1e-4, 10 epochs), our rows"),
+    "cosine_with_first_token": (dict(method="cosine", first_token_rows="include"),
+                                "reference cosine settings, pad rows excluded only"),
     "cosine_accurate_lstsq_init": (dict(method="cosine", accurate=True, cosine_init="lstsq"),
-                                   "accurate objective, lstsq init"),
+                                   "accurate objective, lstsq init, our rows"),
+    "cosine_accurate_lstsq_init_with_first_token": (
+        dict(method="cosine", accurate=True, cosine_init="lstsq", first_token_rows="include"),
+        "accurate objective, lstsq init, pad rows excluded only"),
     "uidl_n6": (dict(method="uidl", layers_to_skip=6), ""),
     "lstsq_n6": (dict(method="lstsq", layers_to_skip=6), ""),
     "uidl_n4": (dict(method="uidl", layers_to_skip=4), ""),

@@ -53,7 +53,9 @@ class CompressConfig:
     bucket: Literal["pow2", "longest"] | int = "pow2"  # batch length buckets ("longest" = the reference's)
     sort_by_length: bool = True  # group similar lengths (less padding); false keeps the data order
     include_pad_rows: bool = False  # the reference fits pad rows too; set true to reproduce it
-    first_token_rows: Literal["include", "exclude"] = "include"
+    # Position 0 carries SmolLM2's massive activation (an attention sink): fitting it wrecks ordinary
+    # tokens (WikiText-2 ppl 513 -> 109 on 8 windows when excluded; bench/screen_lstsq_variants.py).
+    first_token_rows: Literal["include", "exclude"] = "exclude"
     normalize_rows: bool = False  # weight rows by 1/||h_end - Y||^2 (massive-activation rows stop dominating)
     ridge_target: Literal["zero", "identity"] = "zero"  # alpha ||T||^2 (reference) or alpha ||T - I||^2
     alpha_relative: bool = False  # alpha is a fraction of mean(diag(A)) instead of an absolute value

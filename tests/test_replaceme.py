@@ -60,7 +60,8 @@ def test_identity_block_is_selected_and_removed_exactly(tmp_path):
     assert min(d for s, d in result.distances.items() if s != 3) > 0.05
     # target h_end - Y = M exactly, so T = I up to float64 round-off
     np.testing.assert_allclose(result.blocks[0].T, np.eye(32), atol=1e-6)
-    assert result.blocks[0].relative_error_with_T == pytest.approx(0.0, abs=1e-10)
+    # computed from sums of float32 per-batch products (relative precision ~1e-7): zero up to that
+    assert result.blocks[0].relative_error_with_T == pytest.approx(0.0, abs=1e-6)
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert pruned.config.num_hidden_layers == 5
     ids, mask = random_batch(128, [20, 11], seed=3)
