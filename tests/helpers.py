@@ -67,11 +67,16 @@ def make_tokenizer(directory: Path, vocab_size: int = 128):
 def make_model(directory: Path, model_type: str = "llama", seed: int = 0, dtype: str = "float32",
                tokenizer: bool = True, init_std: float = 0.2, **overrides):
     """Save a tiny random model (and tokenizer) to ``directory``; return the torch model."""
+    return save_random_model(directory, hf_config(model_type, **overrides), seed, dtype, tokenizer, init_std)
+
+
+def save_random_model(directory: Path, config, seed: int = 0, dtype: str = "float32", tokenizer: bool = True,
+                      init_std: float = 0.2):
+    """Random weights for ``config`` (any causal-LM family), saved with a tokenizer; return the torch model."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = hf_config(model_type, **overrides)
     config.initializer_range = init_std  # larger than default so layers differ visibly from identity
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -85,6 +90,28 @@ def make_model(directory: Path, model_type: str = "llama", seed: int = 0, dtype:
     if tokenizer:
         make_tokenizer(directory, config.vocab_size)
     return model
+
+
+def read_safetensors(directory) -> dict:
+    import os
+
+    from safetensors import safe_open
+
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), "numpy") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def assert_same_safetensors(a, b) -> None:
+    """The two directories hold the same tensor names, dtypes and bits."""
+    before, after = read_safetensors(a), read_safetensors(b)
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert before[key].dtype == after[key].dtype, key
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
 
 
 def random_batch(vocab_size: int, lengths: list[int], seed: int = 0, pad_id: int = 0, left: bool = False):

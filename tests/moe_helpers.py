@@ -34,23 +34,6 @@ def moe_hf_config(model_type: str, **overrides):
 def make_moe_model(directory, model_type: str, seed: int = 0, dtype: str = "float32", tokenizer: bool = False,
                    init_std: float = 0.2, **overrides):
     """Save a tiny random MoE model to ``directory``; return the torch model."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from tests.helpers import save_random_model
 
-    from tests.helpers import make_tokenizer
-
-    torch.manual_seed(seed)
-    config = moe_hf_config(model_type, **overrides)
-    config.initializer_range = init_std  # larger than default: routing and layers differ visibly
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # norms start at ones; perturb so that a mix-up of norms is caught
-                p.add_(0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-    model = model.to(getattr(torch, dtype))
-    model.save_pretrained(str(directory))
-    if tokenizer:
-        make_tokenizer(directory, config.vocab_size)
-    return model
+    return save_random_model(directory, moe_hf_config(model_type, **overrides), seed, dtype, tokenizer, init_std)

@@ -1,29 +1,18 @@
 """HF <-> params <-> HF / orbax round trips, export loadable by transformers, bad input refused."""
 
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conversion import export_hf, load_model, save_orbax
 from replaceme_jax.cli import main
 from replaceme_jax.errors import CheckpointError, UnsupportedModelError
 from replaceme_jax.models import llama
-from tests.helpers import make_model, random_batch, torch_logits
-
-
-def read_safetensors(directory):
-    tensors = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(directory, name), "numpy") as f:
-                tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
+from tests.helpers import assert_same_safetensors, make_model, random_batch, read_safetensors, torch_logits
 
 
 @pytest.mark.parametrize("model_type,dtype,overrides", [
@@ -36,11 +25,7 @@ def test_hf_round_trip_is_bit_exact(tmp_path, model_type, dtype, overrides):
     model = load_model(tmp_path / "src")
     assert model.dtype == dtype
     export_hf(model, tmp_path / "out")
-    before, after = read_safetensors(tmp_path / "src"), read_safetensors(tmp_path / "out")
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert before[key].dtype == after[key].dtype, key
-        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert_same_safetensors(tmp_path / "src", tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == dtype
     assert (tmp_path / "out" / "tokenizer.json").is_file()

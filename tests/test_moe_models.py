@@ -2,20 +2,18 @@
 checkpoints convert both ways (per-expert and fused layouts) bit-exactly."""
 
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from conversion import export_hf, load_model
 from replaceme_jax.errors import CheckpointError, UnsupportedModelError
 from replaceme_jax.models import moe
-from tests.helpers import random_batch, torch_logits
+from tests.helpers import assert_same_safetensors, random_batch, read_safetensors, torch_logits
 from tests.moe_helpers import MOE_CONFIGS, make_moe_model, moe_hf_config
 
 # float32 on both sides; the frameworks sum in different orders (experts in slot vs index order,
@@ -28,15 +26,6 @@ ATOL = 1e-4
 def jax_logits(model, ids, mask, dispatch="auto"):
     with jax.default_matmul_precision("highest"):
         return np.asarray(moe.forward(model.params, model.config, ids, mask, dispatch=dispatch).logits)
-
-
-def read_safetensors(directory):
-    tensors = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(directory, name), "numpy") as f:
-                tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
 
 
 @pytest.mark.parametrize("name", sorted(MOE_CONFIGS))
@@ -110,11 +99,7 @@ def test_hf_round_trip_is_bit_exact(tmp_path, name, dtype):
     model = load_model(tmp_path / "src")
     assert model.dtype == dtype
     export_hf(model, tmp_path / "out")
-    before, after = read_safetensors(tmp_path / "src"), read_safetensors(tmp_path / "out")
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert before[key].dtype == after[key].dtype, key
-        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert_same_safetensors(tmp_path / "src", tmp_path / "out")
     source_config = json.loads((tmp_path / "src" / "config.json").read_text())
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert {k: v for k, v in config.items() if k != "dtype"} == {k: v for k, v in source_config.items()
