@@ -19,7 +19,8 @@ class CompressConfig:
     # --- reference ReplaceMe keys (same names and meaning) ---
     method: Literal["lstsq", "cosine", "uidl"] = "lstsq"
     model_path: str = "smollm2-135m"
-    dataset: str = "self"
+    # a data set, "self" (sample from the model), or a mixture: [{dataset: ..., ratio: ...}, ...]
+    dataset: str | list = "self"
     dataset_column: str = "text"
     dataset_subset: str | None = None  # the split to read (the reference's name for it)
     dataset_size: int = 64
@@ -89,7 +90,18 @@ class CompressConfig:
                 raise UsageError(f"config key {name!r}: structured transforms are not supported (use diag or full T)")
         if self.diag and self.method == "cosine":
             raise UsageError("config key 'diag' applies to method lstsq only")
+        check_dataset(self.dataset, self.dataset_size)
         return self
+
+
+def check_dataset(dataset: str | list, size: int) -> None:
+    """The ``dataset`` key: a name/path, or a mixture whose sources all get a sequence."""
+    from replaceme_jax.data import mixture_counts, parse_mixture
+
+    if isinstance(dataset, list):
+        mixture_counts([source.ratio for source in parse_mixture(dataset)], size)
+    elif not dataset:
+        raise UsageError("config key 'dataset' is required")
 
 
 def _check_type(name: str, value: Any, annotation) -> Any:
@@ -132,6 +144,10 @@ def _check_type(name: str, value: Any, annotation) -> Any:
         if isinstance(value, dict):
             return value
         raise UsageError(f"config key {name!r} must be a mapping (got {value!r})")
+    if annotation is list:
+        if isinstance(value, list):
+            return value
+        raise UsageError(f"config key {name!r} must be a list (got {value!r})")
     raise TypeError(f"unhandled annotation {annotation} for {name}")
 
 

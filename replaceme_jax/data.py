@@ -14,11 +14,11 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.errors import ReplaceMeError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +310,7 @@ class Batches:
     batches: tuple[Batch, ...]
     num_tokens: int  # real (non-pad) tokens
     num_sequences: int
+    sources: tuple[dict, ...] = ()  # per data source: dataset, ratio, sequences, tokens
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self.batches)
@@ -393,11 +394,71 @@ def make_batches(
 
 
 # ---------------------------------------------------------------------------------------------
+# Mixtures of several sources
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """One entry of a calibration mixture; unset fields take the run's top-level values."""
+
+    dataset: str
+    ratio: float = 1.0
+    dataset_column: str | None = None
+    dataset_subset: str | None = None
+    chat_format: str | None = None
+
+
+_SOURCE_KEYS = {f.name for f in dataclasses.fields(DataSource)}
+
+
+def parse_mixture(spec: Sequence[Mapping[str, Any]], key: str = "dataset") -> list[DataSource]:
+    """Validate a mixture spec: a non-empty list of ``{dataset, ratio, [dataset_column, dataset_subset,
+    chat_format]}`` mappings with positive ratios (relative weights; they need not sum to 1)."""
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise UsageError(f"config key {key!r}: a mixture is a non-empty list of {{dataset, ratio}} entries")
+    sources = []
+    for i, entry in enumerate(spec):
+        where = f"config key '{key}[{i}]'"
+        if not isinstance(entry, Mapping):
+            raise UsageError(f"{where} must be a mapping with keys dataset and ratio (got {entry!r})")
+        unknown = sorted(set(entry) - _SOURCE_KEYS)
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(_SOURCE_KEYS))})")
+        name = entry.get("dataset")
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"{where}: 'dataset' must be a non-empty string (got {name!r})")
+        ratio = entry.get("ratio", 1.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0 or not np.isfinite(ratio):
+            raise UsageError(f"{where}: 'ratio' must be a positive number (got {ratio!r})")
+        for field in ("dataset_column", "dataset_subset", "chat_format"):
+            if entry.get(field) is not None and not isinstance(entry[field], str):
+                raise UsageError(f"{where}: {field!r} must be a string (got {entry[field]!r})")
+        if entry.get("chat_format") is not None and entry["chat_format"] not in CHAT_FORMATS:
+            raise UsageError(f"{where}: chat_format must be one of {', '.join(CHAT_FORMATS)}")
+        sources.append(DataSource(**{**entry, "ratio": float(ratio)}))
+    return sources
+
+
+def mixture_counts(ratios: Sequence[float], total: int) -> list[int]:
+    """Split ``total`` sequences by ``ratios`` (largest remainder; every source gets at least one)."""
+    if total < len(ratios):
+        raise UsageError(f"dataset_size {total} is smaller than the number of mixture sources ({len(ratios)})")
+    share = np.asarray(ratios, np.float64) / np.sum(ratios) * total
+    counts = np.floor(share).astype(int)
+    for i in np.argsort(-(share - counts), kind="stable")[: total - counts.sum()]:
+        counts[i] += 1
+    for i in np.flatnonzero(counts == 0):  # a tiny ratio still contributes one row, taken from the largest
+        counts[np.argmax(counts)] -= 1
+        counts[i] = 1
+    return counts.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point for the pipeline
 
 
 def load_calibration(
-    dataset: str,
+    dataset: str | Sequence[Mapping[str, Any]],
     tokenizer,
     max_length: int,
     *,
@@ -415,6 +476,7 @@ def load_calibration(
     top_p: float | None = None,
     generation_batch_size: int = 16,
     prompts: Sequence[str] | None = None,
+    summary: list | None = None,
 ) -> list[np.ndarray]:
     """Calibration token sequences (int32, at most ``max_length`` long); batch them with ``make_batches``.
 
@@ -422,7 +484,32 @@ def load_calibration(
     itself (``params``/``config`` required; ``seed``, ``temperature``, ``top_k``, ``top_p``,
     ``prompts`` as in ``generate.sample_texts``), so compression needs no data at all. Anything else is
     read with ``load_texts`` and tokenized with ``tokenize_texts``.
+
+    ``dataset`` may also be a mixture (see ``parse_mixture``): ``size`` sequences split over the
+    sources by ratio, each source read as above (``self`` included), then shuffled together with
+    ``seed`` so every batch mixes sources. ``summary`` (a list) receives one dict per source with the
+    sequences and tokens it gave.
     """
+    if not isinstance(dataset, str):
+        sources = parse_mixture(dataset)
+        counts = mixture_counts([s.ratio for s in sources], size or 128)
+        sequences = []
+        for source, count in zip(sources, counts):
+            got = load_calibration(
+                source.dataset, tokenizer, max_length, size=count,
+                column=source.dataset_column if source.dataset_column is not None else column,
+                split=source.dataset_subset if source.dataset_subset is not None else split,
+                chat_format=source.chat_format if source.chat_format is not None else chat_format,
+                add_bos=add_bos, params=params, config=config, seed=seed, temperature=temperature, top_k=top_k,
+                top_p=top_p, generation_batch_size=generation_batch_size, prompts=prompts)
+            log.info("calibration source %s: %d sequences, %d tokens (ratio %g)", source.dataset, len(got),
+                     sum(map(len, got)), source.ratio)
+            if summary is not None:
+                summary.append({"dataset": source.dataset, "ratio": source.ratio, "requested": count,
+                                "sequences": len(got), "tokens": int(sum(map(len, got)))})
+            sequences.extend(got)
+        order = np.random.default_rng(seed).permutation(len(sequences))
+        return [sequences[i] for i in order]
     if dataset == SELF_DATASET:
         if params is None or config is None:
             raise ReplaceMeError("dataset 'self' needs the model (params and config) to sample from")
@@ -433,7 +520,26 @@ def load_calibration(
         samples = sample_texts(params, config, tokenizer, num_samples=num, max_new_tokens=max(1, max_length - 1),
                                batch_size=min(generation_batch_size, num), seed=seed, temperature=temperature,
                                top_k=top_k, top_p=top_p, prompts=prompts)
-        return [s[:max_length] for s in samples if len(s)]
-    texts = load_texts(dataset, column=column, subset=subset, split=split, size=size, chat_format=chat_format,
-                       tokenizer=tokenizer)
-    return tokenize_texts(tokenizer, texts, max_length, add_bos=add_bos)
+        sequences = [s[:max_length] for s in samples if len(s)]
+    else:
+        texts = load_texts(dataset, column=column, subset=subset, split=split, size=size, chat_format=chat_format,
+                           tokenizer=tokenizer)
+        sequences = tokenize_texts(tokenizer, texts, max_length, add_bos=add_bos)
+    if summary is not None:
+        summary.append({"dataset": dataset, "ratio": 1.0, "requested": size, "sequences": len(sequences),
+                        "tokens": int(sum(map(len, sequences)))})
+    return sequences
+
+
+def calibration_batches(cfg, tokenizer, params=None, config=None) -> Batches:
+    """Batches for a run config (``compress`` or ``experts``): its data keys, ``self`` sampling keys,
+    bucketing and seed. ``Batches.sources`` records what each source of the data gave."""
+    sources: list[dict] = []
+    sequences = load_calibration(
+        cfg.dataset, tokenizer, cfg.max_length, size=cfg.dataset_size, column=cfg.dataset_column,
+        split=cfg.dataset_subset, chat_format=cfg.chat_format, params=params, config=config, seed=cfg.seed,
+        temperature=cfg.self_temperature, top_k=cfg.self_top_k, top_p=cfg.self_top_p,
+        generation_batch_size=cfg.self_batch_size, summary=sources)
+    batches = make_batches(sequences, cfg.batch_size, cfg.max_length, pad_token_id(tokenizer), bucket=cfg.bucket,
+                           sort_by_length=getattr(cfg, "sort_by_length", True))
+    return dataclasses.replace(batches, sources=tuple(sources))

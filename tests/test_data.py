@@ -17,7 +17,7 @@ from replaceme_jax.data import (
     slimorca_dialog,
     tokenize_texts,
 )
-from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.errors import ReplaceMeError, UsageError
 from tests.helpers import make_model, make_tokenizer
 
 ROWS = ["the city and the river", "a small garden", "music of the night", "old stone house"]
@@ -222,3 +222,53 @@ def test_load_calibration_reads_a_file_or_samples_the_model(tmp_path):
     assert len(own) == 3 and all(1 < len(s) <= 10 and s[0] == tok.bos_token_id for s in own)
     with pytest.raises(ReplaceMeError, match="needs the model"):
         load_calibration("self", tok, max_length=10)
+
+
+def test_mixture_counts_split_by_ratio_and_give_every_source_a_row():
+    assert data.mixture_counts([3, 1], 8) == [6, 2]
+    assert data.mixture_counts([0.5, 0.25, 0.25], 10) == [5, 3, 2]  # largest remainder, ties to the first
+    assert data.mixture_counts([1000, 1], 4) == [3, 1]
+    for ratios, total in (([1, 2, 3], 7), ([0.1, 5], 100), ([1] * 5, 5)):
+        counts = data.mixture_counts(ratios, total)
+        assert sum(counts) == total and min(counts) >= 1
+    with pytest.raises(UsageError, match="smaller than the number of mixture sources"):
+        data.mixture_counts([1, 1, 1], 2)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ([], "non-empty list"),
+    ("c4.jsonl", "non-empty list"),
+    (["c4.jsonl"], r"'dataset\[0\]' must be a mapping"),
+    ([{"dataset": "a.jsonl", "ratio": 1}, {"dataset": "b.jsonl", "ratio": 0}], r"'dataset\[1\]': 'ratio' must be a pos"),
+    ([{"dataset": "a.jsonl", "ratio": "half"}], "'ratio' must be a positive number"),
+    ([{"dataset": "a.jsonl", "weight": 2}], "unknown key.s. weight"),
+    ([{"ratio": 1}], "'dataset' must be a non-empty string"),
+    ([{"dataset": "a.jsonl", "chat_format": "alpaca"}], "chat_format must be one of"),
+])
+def test_bad_mixtures_name_the_entry(spec, message):
+    with pytest.raises(UsageError, match=message):
+        data.parse_mixture(spec)
+
+
+def test_a_mixture_takes_rows_by_ratio_from_each_source_and_shuffles_them(tmp_path):
+    make_model(tmp_path / "model", "llama")
+    model = load_model(tmp_path / "model")
+    tok = load_tokenizer(model)
+    a_rows = [f"{n} {w}" for n in ("north", "south", "east") for w in ROWS]
+    a = write(tmp_path / "a.jsonl", a_rows)
+    b = write(tmp_path / "b.csv", [f"west {w}" for w in ROWS], column="body")
+    spec = [{"dataset": str(a), "ratio": 3}, {"dataset": str(b), "ratio": 1, "dataset_column": "body"}]
+    summary = []
+    seqs = load_calibration(spec, tok, max_length=16, size=8, seed=0, summary=summary)
+    texts = [tok.decode(s, skip_special_tokens=True) for s in seqs]
+    from_b = [t for t in texts if t.startswith("west")]
+    assert len(from_b) == 2 and sorted(t for t in texts if not t.startswith("west")) == sorted(a_rows[:6])
+    assert texts[:6] != a_rows[:6]  # interleaved, not source after source
+    assert [(s["dataset"], s["sequences"]) for s in summary] == [(str(a), 6), (str(b), 2)]
+    assert sum(s["tokens"] for s in summary) == sum(map(len, seqs))
+    again = load_calibration(spec, tok, max_length=16, size=8, seed=0)
+    assert [s.tolist() for s in again] == [s.tolist() for s in seqs]
+    # a source may be the model itself
+    mixed = load_calibration([{"dataset": str(a), "ratio": 1}, {"dataset": "self", "ratio": 1}], tok, max_length=6,
+                             size=4, params=model.params, config=model.config, summary=(summary := []))
+    assert len(mixed) == 4 and [s["sequences"] for s in summary] == [2, 2]

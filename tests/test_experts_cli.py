@@ -30,7 +30,8 @@ def workspace(tmp_path_factory):
 
 def run_experts(root, name, **keys):
     config = dict(model_path=str(root / "model"), dataset=str(root / "calib.jsonl"), dataset_size=24, batch_size=8,
-                  max_length=32, save_path=str(root / name), **keys)
+                  max_length=32, save_path=str(root / name))
+    config.update(keys)
     (root / f"{name}.yaml").write_text(yaml.safe_dump(config))
     return main(["experts", "--config", str(root / f"{name}.yaml"), "-q"])
 
@@ -56,7 +57,7 @@ def test_reap_writes_the_pruned_model_report_and_recipe(workspace):
         assert layer["kept"] == sorted(np.argsort(-reap, kind="stable")[:3].tolist())
 
     # the exported model is the original with the removed experts' router logits at -inf
-    original, pruned = load_model(workspace / "model"), load_model(out)
+    original = load_model(workspace / "model")
     ids, mask = random_batch(original.config.vocab_size, [9, 4], seed=0)
     masks = [np.isin(np.arange(6), layer["kept"]) for layer in recipe["layers"]]
     with jax.default_matmul_precision("highest"):
@@ -87,6 +88,8 @@ def test_ream_merges_every_expert_into_a_group(workspace):
     (dict(method="reap"), "exactly one of config keys 'num_experts' and 'compression_ratio'"),
     (dict(method="prune", num_experts=4), "config key 'method' must be one of"),
     (dict(method="reap", num_experts=4, group_sise=2), "unknown config key 'group_sise'"),
+    (dict(method="reap", num_experts=4, dataset=[{"dataset": "x.jsonl", "ratio": -1}]),
+     "config key 'dataset[0]': 'ratio' must be a positive number"),
 ])
 def test_bad_configs_fail_with_one_line(workspace, capsys, keys, message):
     assert run_experts(workspace, "bad", **keys) == 2
@@ -108,3 +111,14 @@ def test_a_recipe_prunes_at_another_ratio_without_calibration(workspace):
     assert [layer["kept"] for layer in reused["layers"]] == [layer["kept"] for layer in calibrated["layers"]]
     report = json.loads((workspace / "from_recipe" / "experts_report.json").read_text())
     assert report["calibration_tokens"] == 0 and report["num_experts_after"] == 4
+
+
+def test_a_calibration_mixture_with_self_samples_is_recorded_in_the_report(workspace):
+    mixture = [{"dataset": str(workspace / "calib.jsonl"), "ratio": 3}, {"dataset": "self", "ratio": 1}]
+    assert run_experts(workspace, "mixed", method="reap", num_experts=4, dataset=mixture, dataset_size=8) == 0
+    report = json.loads((workspace / "mixed" / "experts_report.json").read_text())
+    assert report["config"]["dataset"] == mixture
+    sources = report["calibration_sources"]
+    assert [(s["dataset"], s["sequences"]) for s in sources] == [(mixture[0]["dataset"], 6), ("self", 2)]
+    assert sum(s["tokens"] for s in sources) == report["calibration_tokens"]
+    loads_in_transformers(workspace / "mixed")

@@ -102,6 +102,7 @@ def test_every_config_key_rejects_a_wrong_type(model_dir, tmp_path, capsys, fiel
     ("alpha=-1", "'alpha' must be >= 0"),
     ("layers_to_skip=4", "must be smaller than the model's 4 layers"),
     ("use_4bit=true", "not supported"),
+    ("dataset=[{dataset: a.jsonl, ratio: 0}]", "'dataset[0]': 'ratio' must be a positive number"),
 ])
 def test_out_of_range_values(model_dir, tmp_path, capsys, setting, message):
     code, err = run(capsys, model_dir, tmp_path / "out", setting)
@@ -119,6 +120,13 @@ def test_one_row_dataset_is_too_little_data(model_dir, tmp_path, capsys):
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": "the city"}) + "\n")
     code, err = run(capsys, model_dir, tmp_path / "out", f"dataset={tmp_path / 'one.jsonl'}")
     assert_clean_failure(code, err, tmp_path / "out", 1, "too little calibration data")
+
+
+def test_a_missing_mixture_source_is_named(model_dir, tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"the city {i}"}) + "\n" for i in range(8)))
+    mixture = json.dumps([{"dataset": str(tmp_path / "a.jsonl")}, {"dataset": str(tmp_path / "gone.jsonl")}])
+    code, err = run(capsys, model_dir, tmp_path / "out", f"dataset={mixture}")
+    assert_clean_failure(code, err, tmp_path / "out", 1, "gone.jsonl")
 
 
 def test_missing_column(model_dir, tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from replaceme_jax.config import check_dataset
 from replaceme_jax.errors import UsageError
 
 
@@ -16,7 +17,9 @@ class ExpertsConfig:
     num_experts: int | None = None  # experts kept per layer ...
     compression_ratio: float | None = None  # ... or the fraction removed: N - int(N * ratio) kept
     group_size: int = 16  # REAM's C (centroid included); 0: every dropped expert joins its nearest centroid
-    dataset: str = ""  # local file (json/jsonl/parquet/csv/txt) or hub data set
+    # local file (json/jsonl/parquet/csv/txt), hub data set, "self" (sampled from the model), or a
+    # mixture: [{dataset: ..., ratio: ...}, ...] (see ``replaceme_jax.data.parse_mixture``)
+    dataset: str | list = ""
     dataset_column: str = "text"
     dataset_subset: str | None = None  # the split to read
     dataset_size: int = 128
@@ -38,6 +41,10 @@ class ExpertsConfig:
     dispatch: Literal["auto", "dense", "ragged"] = "auto"
     bucket: Literal["pow2", "longest"] | int = "pow2"
     chat_format: Literal["slimorca"] | None = None
+    self_temperature: float = 0.8  # dataset: self (as for compress)
+    self_top_k: int | None = None
+    self_top_p: float | None = 0.95
+    self_batch_size: int = 32
     # Prune by the saliency stored in an earlier run's experts_recipe.json (any ratio, no calibration).
     recipe_path: str | None = None
 
@@ -47,9 +54,8 @@ class ExpertsConfig:
                 raise UsageError(f"config key {name!r} is required")
         if self.recipe_path and self.method == "ream":
             raise UsageError("config key 'recipe_path' works with the pruning methods; REAM needs calibration data")
-        if self.dataset == "self":
-            raise UsageError("config key 'dataset': 'self' (sampling from the model) is not supported for MoE "
-                             "models; give a data set")
+        if not self.recipe_path:
+            check_dataset(self.dataset, self.dataset_size)
         if (self.num_experts is None) == (self.compression_ratio is None):
             raise UsageError("give exactly one of config keys 'num_experts' and 'compression_ratio'")
         if self.compression_ratio is not None and not 0 <= self.compression_ratio < 1:

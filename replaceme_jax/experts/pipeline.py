@@ -25,6 +25,7 @@ from conversion.export import check_output_location, exported_bytes
 from conversion.model_io import check_finite
 from replaceme_jax import __version__
 from replaceme_jax.config import to_dict
+from replaceme_jax.data import calibration_batches
 from replaceme_jax.errors import ReplaceMeError, UsageError
 from replaceme_jax.experts.calibrate import LayerwiseCalibration
 from replaceme_jax.experts.config import ExpertsConfig
@@ -45,15 +46,6 @@ class ExpertsResult:
     report: dict
     recipe: dict
     save_path: Path
-
-
-def calibration_batches(cfg: ExpertsConfig, tokenizer):
-    from replaceme_jax.data import load_calibration, make_batches, pad_token_id
-
-    sequences = load_calibration(cfg.dataset, tokenizer, cfg.max_length, size=cfg.dataset_size,
-                                 column=cfg.dataset_column, split=cfg.dataset_subset, chat_format=cfg.chat_format,
-                                 seed=cfg.seed)
-    return make_batches(sequences, cfg.batch_size, cfg.max_length, pad_token_id(tokenizer), bucket=cfg.bucket)
 
 
 def _compress_layer(cfg: ExpertsConfig, config: MoeConfig, layer: dict, stats, sample, num_keep: int,
@@ -110,7 +102,7 @@ def _calibrate_and_compress(cfg: ExpertsConfig, model: LoadedModel, num_keep: in
     config = model.config
     tokenizer = load_tokenizer(model)
     with timer("calibration_data"):
-        batches = calibration_batches(cfg, tokenizer)
+        batches = calibration_batches(cfg, tokenizer, params=model.params, config=config)
     if batches.num_tokens < 1:
         raise ReplaceMeError("too little calibration data: no token")
     log.info("calibration: %d sequences, %d tokens, %d batches, shapes %s", batches.num_sequences,
@@ -185,6 +177,7 @@ def compress_experts(cfg: ExpertsConfig) -> ExpertsResult:
         "recipe_path": cfg.recipe_path,
         "calibration_tokens": batches.num_tokens if batches is not None else 0,
         "calibration_sequences": batches.num_sequences if batches is not None else 0,
+        "calibration_sources": list(batches.sources) if batches is not None else [],
         "calibration_batch_shapes": [list(s) for s in batches.shapes] if batches is not None else [],
         "sample_tokens": sum(map(len, run.sample_index)) if run is not None and run.sample_index else 0,
         "layers": [{k: v for k, v in e.items() if k in ("kept", "groups", "dropped", "tokens")}

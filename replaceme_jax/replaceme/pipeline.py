@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import platform
 from pathlib import Path
@@ -30,7 +29,7 @@ from replaceme_jax.replaceme.solvers import (NormalEquations, cosine_state, fit_
                                              lstsq_from_normal_equations)
 from replaceme_jax.sharding import (check_batch_divides, gather_to_host, initialize_distributed, is_main_process,
                                     make_mesh, place_fn, shard_params)
-from replaceme_jax.report import StageTimer, plot_distances, to_jsonable, write_distances_csv, write_json
+from replaceme_jax.report import StageTimer, plot_distances, write_distances_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +60,9 @@ def _progress(total: int, desc: str):
 
 
 def calibration_batches(cfg: CompressConfig, model: LoadedModel, tokenizer):
-    from replaceme_jax.data import load_calibration, make_batches, pad_token_id
+    from replaceme_jax.data import calibration_batches as batches_for
 
-    sequences = load_calibration(
-        cfg.dataset, tokenizer, cfg.max_length, size=cfg.dataset_size, column=cfg.dataset_column,
-        split=cfg.dataset_subset, chat_format=cfg.chat_format, params=model.params, config=model.config,
-        seed=cfg.seed, temperature=cfg.self_temperature, top_k=cfg.self_top_k, top_p=cfg.self_top_p,
-        generation_batch_size=cfg.self_batch_size,
-    )
-    return make_batches(sequences, cfg.batch_size, cfg.max_length, pad_token_id(tokenizer), bucket=cfg.bucket,
-                        sort_by_length=cfg.sort_by_length)
+    return batches_for(cfg, tokenizer, params=model.params, config=model.config)
 
 
 def _check_enough_data(cfg: CompressConfig, batches, dim: int) -> None:
@@ -251,6 +243,7 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
         "num_hidden_layers_after": current.config.num_hidden_layers,
         "calibration_tokens": batches.num_tokens,
         "calibration_sequences": batches.num_sequences,
+        "calibration_sources": list(batches.sources),
         "calibration_batch_shapes": [list(s) for s in batches.shapes],
         "block_results": [
             {"block": [r.start, r.end], "relative_error_with_T": r.relative_error_with_T,
