@@ -21,7 +21,7 @@ import numpy as np
 
 from replaceme_jax.data import pad_token_id
 from replaceme_jax.errors import ReplaceMeError, UnsupportedModelError
-from replaceme_jax.models import llama
+from replaceme_jax.models import llama, moe
 from replaceme_jax.models.common import Params, apply_rotary, rms_norm, rotary_cos_sin
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,13 @@ def _cached_attention(p: dict, c: llama.LlamaConfig, x: jax.Array, start: jax.Ar
     """``llama._attention`` for tokens at positions ``start..start+S-1`` against the cache (written first)."""
     b, s, _ = x.shape
     hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    q = llama._dense(p["q_proj"], x).reshape(b, s, hq, hd)
-    k = llama._dense(p["k_proj"], x).reshape(b, s, hkv, hd)
-    v = llama._dense(p["v_proj"], x).reshape(b, s, hkv, hd)
+    q, k, v = (llama._dense(p[name], x) for name in ("q_proj", "k_proj", "v_proj"))
+    if getattr(c, "full_width_qk_norm", False):  # olmoe: over the whole projection, then clipped
+        q = rms_norm(q, p["q_norm"]["scale"], c.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"]["scale"], c.rms_norm_eps)
+    if getattr(c, "clip_qkv", None) is not None:
+        q, k, v = (jnp.clip(t, -c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+    q, k, v = q.reshape(b, s, hq, hd), k.reshape(b, s, hkv, hd), v.reshape(b, s, hkv, hd)
     if c.qk_norm:
         q = rms_norm(q, p["q_norm"]["scale"], c.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["scale"], c.rms_norm_eps)
@@ -83,6 +87,12 @@ def _cached_attention(p: dict, c: llama.LlamaConfig, x: jax.Array, start: jax.Ar
     return llama._dense(p["o_proj"], out), k_cache, v_cache
 
 
+def _mlp_branch(p: dict, c: llama.LlamaConfig, x: jax.Array) -> jax.Array:
+    if isinstance(c, moe.MoeConfig):
+        return moe.moe_block(p, c, x)[0]
+    return llama._mlp(p, x)
+
+
 def forward_cached(params: Params, c: llama.LlamaConfig, tokens: jax.Array, start: jax.Array, cache: KVCache,
                    *, compute_logits: bool = True) -> tuple[jax.Array | None, KVCache]:
     """Run ``tokens`` [B, S] at positions ``start..start+S-1`` (same for every row), updating the cache.
@@ -99,7 +109,7 @@ def forward_cached(params: Params, c: llama.LlamaConfig, tokens: jax.Array, star
             layer["self_attn"], c, rms_norm(h, layer["input_layernorm"]["scale"], c.rms_norm_eps), start, cos, sin,
             k_cache, v_cache, c.window_of_layer(index))
         y = h + attn
-        h = y + llama._mlp(layer["mlp"], rms_norm(y, layer["post_attention_layernorm"]["scale"], c.rms_norm_eps))
+        h = y + _mlp_branch(layer["mlp"], c, rms_norm(y, layer["post_attention_layernorm"]["scale"], c.rms_norm_eps))
         new_cache.append((k_cache, v_cache))
     if not compute_logits:
         return None, new_cache
@@ -200,10 +210,8 @@ def generate(
     ``tokens[i, :lengths[i]]`` (prompt, new tokens, and the EOS if one was drawn), then ``pad_id``.
     Deterministic for a given ``key``: step ``t`` draws with ``fold_in(key, t)``.
     """
-    if c.model_type not in llama.MODEL_TYPES:  # e.g. MoE configs subclass LlamaConfig but their MLP differs
-        raise UnsupportedModelError(
-            f"self-generated calibration supports {', '.join(llama.MODEL_TYPES)}, not {c.model_type!r}; "
-            f"pass a data file instead")
+    if c.model_type not in llama.MODEL_TYPES + moe.MODEL_TYPES:
+        raise UnsupportedModelError(f"generation does not support model_type {c.model_type!r}")
     if max_new_tokens < 1:
         raise ReplaceMeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -8,8 +8,8 @@ import torch
 
 from conversion import load_model, load_tokenizer
 from replaceme_jax.generate import Sampling, decode_samples, generate, nucleus_mask, sample_logits, sample_texts
-from replaceme_jax.models import llama
 from tests.helpers import FAMILY_CONFIGS, make_model
+from tests.moe_helpers import MOE_CONFIGS, make_moe_model
 
 GREEDY = Sampling(temperature=0.0)
 PROMPTS = [[1], [1, 9, 10, 11], [1, 12]]  # different lengths: prefill of the shared prefix, then forced tokens
@@ -24,9 +24,9 @@ def tiny(tmp_path_factory):
 
 
 def greedy_by_full_forward(model, prompts, max_new_tokens):
-    """Greedy decoding that re-runs `llama.forward` on the whole growing sequences at every step."""
+    """Greedy decoding that re-runs the family's forward on the whole growing sequences at every step."""
     width = max(len(p) for p in prompts) + max_new_tokens
-    forward = jax.jit(lambda ids, mask: llama.forward(model.params, model.config, ids, mask).logits)
+    forward = jax.jit(lambda ids, mask: model.family.forward(model.params, model.config, ids, mask).logits)
     seqs = [list(p) for p in prompts]
     for _ in range(max_new_tokens):
         ids = np.zeros((len(seqs), width), np.int32)
@@ -44,10 +44,14 @@ def greedy_by_full_forward(model, prompts, max_new_tokens):
 CACHE_FAMILIES = sorted(set(FAMILY_CONFIGS) - {"llama_linear_rope"})
 
 
-@pytest.mark.parametrize("name", CACHE_FAMILIES)
+@pytest.mark.parametrize("name", CACHE_FAMILIES + [f"moe:{name}" for name in MOE_CONFIGS])
 def test_cached_greedy_equals_full_forward_and_transformers_generate(tmp_path, name):
-    model_type, overrides = FAMILY_CONFIGS[name]
-    reference = make_model(tmp_path, model_type, tokenizer=False, **overrides)
+    if name.startswith("moe:"):  # routed experts (and olmoe's full-width q/k norm and clipping) in the cache path
+        model_type, overrides = MOE_CONFIGS[name[4:]]
+        reference = make_moe_model(tmp_path, model_type, **overrides)
+    else:
+        model_type, overrides = FAMILY_CONFIGS[name]
+        reference = make_model(tmp_path, model_type, tokenizer=False, **overrides)
     model = load_model(tmp_path)
     # 20 new tokens pass the sliding windows (4-5 tokens) of the sliding families.
     tokens, lengths = generate(model.params, model.config, PROMPTS, 20, jax.random.key(0), sampling=GREEDY,
