@@ -7,7 +7,6 @@ a GGUF input is a complete HF directory.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +44,45 @@ def _arch(reader) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
-def gguf_hf_config(path: Path) -> dict:
-    """config.json dict that transformers derives from the GGUF metadata."""
+def _metadata(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+# Routing that llama.cpp hard-codes per architecture (not stored in the file): whether the top-k gates
+# are renormalised. Mixtral (arch "llama" with experts) and Qwen3-MoE do; Qwen2-MoE does not.
+_GGUF_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
+
+
+def _moe_fields(reader, arch: str, cfg: dict) -> dict:
+    """The MoE sizes transformers' GGUF config reader leaves out or gets wrong, from the metadata."""
+    experts = _metadata(reader, f"{arch}.expert_count")
+    if not experts:
+        return cfg
+    cfg = dict(cfg)
+    expert_size = _metadata(reader, f"{arch}.expert_feed_forward_length")
+    used = _metadata(reader, f"{arch}.expert_used_count")
+    if arch == "llama":  # llama.cpp's spelling of a Mixtral model
+        for key in ("mlp_bias", "pretraining_tp"):
+            cfg.pop(key, None)
+        cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=int(experts),
+                   intermediate_size=int(expert_size or cfg["intermediate_size"]))
+        cfg.pop("num_experts", None)
+    else:
+        cfg["num_experts"] = int(experts)
+        if expert_size:
+            cfg["moe_intermediate_size"] = int(expert_size)
+        shared = _metadata(reader, f"{arch}.expert_shared_feed_forward_length")
+        if shared is not None:
+            cfg["shared_expert_intermediate_size"] = int(shared)
+        cfg["norm_topk_prob"] = _GGUF_NORM_TOPK[arch]
+    if used:
+        cfg["num_experts_per_tok"] = int(used)
+    return cfg
+
+
+def gguf_hf_config(path: Path, reader=None) -> dict:
+    """config.json dict that transformers derives from the GGUF metadata (MoE sizes from the metadata)."""
     from transformers import AutoConfig
 
     try:
@@ -57,6 +93,8 @@ def gguf_hf_config(path: Path) -> dict:
     d.pop("_name_or_path", None)
     d.pop("_model_name_or_path", None)
     d["architectures"] = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+    if reader is not None:
+        d = _moe_fields(reader, _arch(reader), d)
     return d
 
 
@@ -71,7 +109,7 @@ def load_gguf(src, dtype: str | None = None, place: PlaceFn = default_place) -> 
     arch = _arch(reader)
     if arch not in GGUF_NAME_MAPS:
         raise UnsupportedModelError(f"{path}: unsupported GGUF architecture {arch!r}")
-    hf_config = gguf_hf_config(path)
+    hf_config = gguf_hf_config(path, reader)
     config = family_for(hf_config.get("model_type")).config_from_hf(hf_config)
     # Dequantised weights are float32; keep that unless asked otherwise.
     target = dtype or "float32"

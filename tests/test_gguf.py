@@ -1,5 +1,7 @@
 """GGUF input: a file written with gguf.GGUFWriter loads to the weights transformers gives."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -102,3 +104,96 @@ def test_real_smollm2_gguf_matches_transformers(tmp_path):
     np.testing.assert_array_equal(torch_logits(reloaded, ids, mask), theirs)
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     assert (tmp_path / "hf" / "generation_config.json").is_file()
+
+
+# llama.cpp's names for the MoE tensors; experts stacked [E, out, in] (gate and up apart).
+_MOE_PER_LAYER = {
+    "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.experts.down_proj": "ffn_down_exps.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def write_moe_gguf(path, model, config, arch):
+    """What llama.cpp's converter writes for mixtral (arch "llama"), qwen2moe and qwen3moe: F32 tensors."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    experts = getattr(config, "num_local_experts", None) or config.num_experts
+    writer.add_expert_count(experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if arch == "llama":
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_rope_dimension_count(head_dim)
+    else:
+        writer.add_feed_forward_length(4 * config.hidden_size)  # the dense size the file would also carry
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", 0):
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    attention = {f"self_attn.{p}_proj.{kind}": f"attn_{g}.{kind}" for p, g in
+                 (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")) for kind in ("weight", "bias")}
+    for key, tensor in model.state_dict().items():
+        w = tensor.float().numpy()
+        if not key.startswith("model.layers."):
+            writer.add_tensor(names[key], np.ascontiguousarray(w))
+            continue
+        i, rest = key[len("model.layers."):].split(".", 1)
+        if rest == "mlp.experts.gate_up_proj":  # [E, 2I, D]: gate rows first
+            gate, up = np.split(w, 2, axis=1)
+            writer.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
+            writer.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(up))
+            continue
+        if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+            heads = config.num_attention_heads if ".q_proj" in rest else config.num_key_value_heads
+            w = apply_qk_permutation(w, heads)
+        writer.add_tensor(f"blk.{i}.{(_MOE_PER_LAYER | attention)[rest]}", np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# (llama.cpp never renormalises Qwen2-MoE gates, so only norm_topk_prob false is a faithful qwen2moe file.)
+@pytest.mark.parametrize("name,arch", [("mixtral", "llama"), ("qwen2_moe_shared", "qwen2moe"),
+                                       ("qwen3_moe", "qwen3moe")])
+def test_moe_gguf_loads_to_the_hf_weights_and_logits(tmp_path, name, arch):
+    from replaceme_jax.models import moe
+    from tests.moe_helpers import MOE_CONFIGS, make_moe_model
+
+    model_type, overrides = MOE_CONFIGS[name]
+    reference = make_moe_model(tmp_path / "hf", model_type, **overrides)
+    write_moe_gguf(tmp_path / "model.gguf", reference, reference.config, arch)
+    ours, from_hf = load_model(tmp_path / "model.gguf"), load_model(tmp_path / "hf")
+    assert ours.config.model_type == model_type
+    for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                  "shared_expert_intermediate_size", "qk_norm", "qkv_bias"):
+        assert getattr(ours.config, field) == getattr(from_hf.config, field), field
+    assert jax.tree.structure(ours.params) == jax.tree.structure(from_hf.params)
+    for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(from_hf.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ids, mask = random_batch(ours.config.vocab_size, [7, 3], seed=0)
+    with jax.default_matmul_precision("highest"):
+        logits = np.asarray(moe.forward(ours.params, ours.config, ids, mask).logits)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(logits[valid], torch_logits(reference, ids, mask)[valid], atol=1e-4)
+    # and it exports as the HF family transformers loads
+    export_hf(dataclasses.replace(ours, tokenizer_source=None), tmp_path / "out")  # this file has no tokenizer
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    np.testing.assert_allclose(torch_logits(reloaded, ids, mask)[valid], logits[valid], atol=1e-4)

@@ -20,6 +20,9 @@ _FUSED = (
     WeightRule("model.layers.{i}.mlp.experts.gate_up_proj", "layers.{i}.mlp.experts.{part}.kernel", "transpose",
                parts=("gate_proj", "up_proj"), split_axis=1),
     WeightRule("model.layers.{i}.mlp.experts.down_proj", "layers.{i}.mlp.experts.down_proj.kernel", "transpose"),
+    # Stacked gate and up projections ``[E, I, D]`` apart: what a GGUF file holds (ffn_{gate,up}_exps).
+    WeightRule("model.layers.{i}.mlp.experts.{name}", "layers.{i}.mlp.experts.{name}.kernel", "transpose",
+               choices=("gate_proj", "up_proj")),
 )
 
 QWEN_MOE_WEIGHT_MAP = _ATTENTION_AND_NORMS + (
@@ -42,6 +45,15 @@ MIXTRAL_WEIGHT_MAP = _ATTENTION_AND_NORMS + (
     WeightRule("model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight", "layers.{i}.mlp.experts.down_proj.kernel",
                "transpose"),
 ) + _FUSED
+
+# llama.cpp's MoE tensor names (3-D stacked experts) -> HF-style keys of the maps above.
+GGUF_NAMES = llama.GGUF_NAMES + (
+    WeightRule("blk.{i}.ffn_gate_inp.weight", "model.layers.{i}.mlp.gate.weight"),
+    WeightRule("blk.{i}.ffn_{name}_exps.weight", "model.layers.{i}.mlp.experts.{name}_proj", choices=("gate", "up", "down")),
+    WeightRule("blk.{i}.ffn_{name}_shexp.weight", "model.layers.{i}.mlp.shared_expert.{name}_proj.weight",
+               choices=("gate", "up", "down")),
+    WeightRule("blk.{i}.ffn_gate_inp_shexp.weight", "model.layers.{i}.mlp.shared_expert_gate.weight"),
+)
 
 WEIGHT_MAPS = {"mixtral": MIXTRAL_WEIGHT_MAP, "qwen2_moe": QWEN_MOE_WEIGHT_MAP, "qwen3_moe": QWEN_MOE_WEIGHT_MAP,
                "olmoe": QWEN_MOE_WEIGHT_MAP}
