@@ -25,7 +25,7 @@ from conversion.weight_map import (
 )
 from replaceme_jax.errors import CheckpointError, ReplaceMeError
 from replaceme_jax.models import family_for
-from replaceme_jax.models.common import ParamSpec, is_spec
+from replaceme_jax.models.common import ParamSpec
 
 log = logging.getLogger(__name__)
 

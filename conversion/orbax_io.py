@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from conversion.atomic import atomic_output_dir
 from conversion.model_io import LoadedModel, dtype_name, parse_dtype

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp

@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 
 from replaceme_jax.sharding import ShardingRules, make_mesh, mesh_shape
 from replaceme_jax.errors import UsageError
-from replaceme_jax.models import llama
 from replaceme_jax.models.common import ParamSpec
 from tests.helpers import make_model, random_batch, torch_logits
 from tests.test_replaceme import write_corpus
