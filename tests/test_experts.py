@@ -286,3 +286,21 @@ def test_sequential_calibration_follows_the_compressed_layers():
             expected = moe.forward(pruned, pruned_config, ids, mask, num_layers=1, compute_logits=False)
         valid = mask.astype(bool)
         np.testing.assert_allclose(h[valid], np.asarray(expected.hidden_states[-1])[valid], atol=1e-5)
+
+
+def test_reconstruction_error_is_the_relative_change_of_the_moe_output():
+    from replaceme_jax.experts.prune import prune_mlp
+    from replaceme_jax.experts.stats import reconstruction_error
+
+    params, config = tiny_model("qwen2_moe")
+    mlp = params["layers"][0]["mlp"]
+    x = jax.random.normal(jax.random.PRNGKey(3), (37, config.hidden_size))
+    with jax.default_matmul_precision("highest"):
+        assert reconstruction_error(mlp, mlp, config, x, chunk=8) == 0.0
+        pruned = prune_mlp(mlp, np.array([0, 2, 3]))
+        ours = reconstruction_error(mlp, pruned, config, x, chunk=8)  # chunks of 8: sums over 5 chunks
+        old = np.asarray(moe.moe_block(mlp, config, x[None])[0][0], np.float64)
+        new = np.asarray(moe.moe_block(pruned, config.with_experts(3), x[None])[0][0], np.float64)
+    expected = np.sum((new - old) ** 2) / np.sum(old**2)
+    assert expected > 1e-3
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)

@@ -50,6 +50,7 @@ def test_reap_writes_the_pruned_model_report_and_recipe(workspace):
     recipe = json.loads((out / "experts_recipe.json").read_text())
     report = json.loads((out / "experts_report.json").read_text())
     assert report["num_experts_before"] == 6 and report["num_experts_after"] == 3 and not report["sequential"]
+    assert all(layer["reconstruction_error"] > 0 for layer in report["layers"])
     assert len(recipe["layers"]) == 2
     assert (out / "experts_saliency.png").stat().st_size > 0
     for layer in recipe["layers"]:

@@ -33,7 +33,9 @@ class ExpertsConfig:
     save_dtype: str | None = None  # dtype of the exported model (default: the checkpoint's)
     saliency: Literal["reap", "frequency", "ean"] = "reap"  # REAM's centroid ranking and merge weights
     sequential: bool | None = None  # recompute a layer's outputs after compressing it (default: REAM only)
-    sample_tokens: int = 32768  # REAM: tokens on which every expert runs (similarity, neuron alignment)
+    # tokens sampled per layer: REAM compares and aligns experts on them; every method reports its
+    # per-layer reconstruction error on them (0: no sample, no error figure)
+    sample_tokens: int = 32768
     router_similarity: Literal["reference", "cosine"] = "reference"
     output_similarity: Literal["mean", "token_mean"] = "mean"
     alignment: Literal["activation+weight", "activation", "weight", "none"] = "activation+weight"

@@ -31,7 +31,7 @@ from replaceme_jax.experts.calibrate import LayerwiseCalibration
 from replaceme_jax.experts.config import ExpertsConfig
 from replaceme_jax.experts.merge import ReamOptions, expert_distances, ream_layer, sample_statistics
 from replaceme_jax.experts.prune import apply_layer_params, num_experts_to_keep, prune_mlp, select_experts
-from replaceme_jax.experts.stats import SALIENCY_METHODS, logit_cosine, saliency
+from replaceme_jax.experts.stats import SALIENCY_METHODS, logit_cosine, reconstruction_error, saliency
 from replaceme_jax.models.moe import MoeConfig
 from replaceme_jax.report import StageTimer, plot_saliency_heatmap, write_json
 
@@ -107,17 +107,22 @@ def _calibrate_and_compress(cfg: ExpertsConfig, model: LoadedModel, num_keep: in
         raise ReplaceMeError("too little calibration data: no token")
     log.info("calibration: %d sequences, %d tokens, %d batches, shapes %s", batches.num_sequences,
              batches.num_tokens, len(batches), batches.shapes)
-    ream = cfg.method == "ream"
+    # A token sample is kept for every method: REAM aligns and compares experts on it, and every
+    # method's per-layer reconstruction error is measured on it.
     run = LayerwiseCalibration(model.params, config, [(b.input_ids, b.attention_mask) for b in batches],
-                               dispatch=cfg.dispatch, sample_tokens=cfg.sample_tokens if ream else 0, seed=cfg.seed)
+                               dispatch=cfg.dispatch, sample_tokens=cfg.sample_tokens, seed=cfg.seed)
+    sample_wanted = cfg.sample_tokens > 0
     mlps, entries = [], []
     num_layers = config.num_hidden_layers
     with tqdm(total=num_layers, desc=f"{cfg.method} layers", unit="layer", disable=None) as bar:
         for index, layer in enumerate(model.params["layers"]):
             with timer("statistics"):
-                stats, sample, outputs = run.statistics(layer, want_sample=ream)
+                stats, sample, outputs = run.statistics(layer, want_sample=sample_wanted)
             mlp, entry = _compress_layer(cfg, config, layer, stats, sample, num_keep, timer)
             entry["tokens"] = int(stats.tokens)
+            if sample is not None:
+                with timer("reconstruction_error"):
+                    entry["reconstruction_error"] = reconstruction_error(layer["mlp"], mlp, config, jnp.asarray(sample))
             mlps.append(mlp)
             entries.append(entry)
             if index + 1 < num_layers:
@@ -180,7 +185,7 @@ def compress_experts(cfg: ExpertsConfig) -> ExpertsResult:
         "calibration_sources": list(batches.sources) if batches is not None else [],
         "calibration_batch_shapes": [list(s) for s in batches.shapes] if batches is not None else [],
         "sample_tokens": sum(map(len, run.sample_index)) if run is not None and run.sample_index else 0,
-        "layers": [{k: v for k, v in e.items() if k in ("kept", "groups", "dropped", "tokens")}
+        "layers": [{k: v for k, v in e.items() if k in ("kept", "groups", "dropped", "tokens", "reconstruction_error")}
                    for e in entries],
         "wall_time_s": timer.seconds,
         "peak_rss_mb_after_stage": timer.peak_rss_mb,

@@ -98,3 +98,24 @@ def to_host(stats: ExpertStats) -> dict:
     """The statistics as plain lists/floats for a report or recipe file."""
     return {"tokens": float(stats.tokens), "frequency": np.asarray(stats.counts).tolist(),
             "ean": saliency(stats, "ean").tolist(), "reap": saliency(stats, "reap").tolist()}
+
+
+def reconstruction_error(old_mlp: dict, new_mlp: dict, config, x: jax.Array, chunk: int = 4096) -> float:
+    """``sum ||y_new(x) - y_old(x)||^2 / sum ||y_old(x)||^2`` of a layer's MoE block on tokens ``x [T, D]``
+    (the sampled MoE inputs), shared expert included: how much the compressed layer changes its output."""
+    from replaceme_jax.models.moe import moe_block
+
+    old_config = config.with_experts(int(old_mlp["gate"]["kernel"].shape[-1]))
+    new_config = config.with_experts(int(new_mlp["gate"]["kernel"].shape[-1]))
+
+    @jax.jit
+    def sums(x):
+        old = moe_block(old_mlp, old_config, x[None])[0].astype(jnp.float32)
+        new = moe_block(new_mlp, new_config, x[None])[0].astype(jnp.float32)
+        return jnp.sum((new - old) ** 2), jnp.sum(old**2)
+
+    error = energy = 0.0
+    for start in range(0, x.shape[0], chunk):
+        e, o = sums(x[start:start + chunk])
+        error, energy = error + float(e), energy + float(o)
+    return error / energy if energy > 0 else 0.0
