@@ -62,7 +62,8 @@ def compress(name: str, keys: dict, moe_dir: Path, work: Path) -> dict:
     return {"config": keys, "path": str(out), "experts": report["num_experts_after"],
             "wall_time_s": round(wall, 1), "stage_seconds": report["wall_time_s"],
             "peak_rss_mb": max(report["peak_rss_mb_after_stage"].values()),
-            "calibration_tokens": report["calibration_tokens"], "calibration_sources": report["calibration_sources"]}
+            "calibration_tokens": report["calibration_tokens"], "calibration_sources": report["calibration_sources"],
+            "reconstruction_error_mean": sum(e["reconstruction_error"] for e in report["layers"]) / len(report["layers"])}
 
 
 def evaluate(source: str, limit: int, windows: int, batch_size: int) -> dict:
@@ -82,12 +83,13 @@ def evaluate(source: str, limit: int, windows: int, batch_size: int) -> dict:
 
 
 def markdown(table: dict) -> str:
-    rows = ["| model | experts / layer | WikiText-2 ppl | ARC-E | HellaSwag | compress wall s | peak RSS GiB |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | experts / layer | mean layer reconstruction error | WikiText-2 ppl | ARC-E | HellaSwag "
+            "| compress wall s | peak RSS GiB |", "|---|---|---|---|---|---|---|---|"]
     for name, e in table.items():
         r = e["results"]
         rss = f"{e['peak_rss_mb'] / 1024:.2f}" if "peak_rss_mb" in e else "-"
-        rows.append(f"| {name} | {e.get('experts', '-')} | {r['wikitext2']['perplexity']:.2f} | "
+        error = f"{e['reconstruction_error_mean']:.4f}" if "reconstruction_error_mean" in e else "-"
+        rows.append(f"| {name} | {e.get('experts', '-')} | {error} | {r['wikitext2']['perplexity']:.2f} | "
                     f"{r['arc_easy']['acc_norm']:.3f} | {r['hellaswag']['acc_norm']:.3f} | "
                     f"{e.get('wall_time_s', '-')} | {rss} |")
     return "\n".join(rows)
@@ -104,6 +106,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "moe_smollm2.json"))
     parser.add_argument("--markdown", action="store_true", help="print the table from --output and exit")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="re-run the compressions of rows already in --output for their time and memory only "
+                             "(the kept experts must come out the same; the evaluation is kept)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
@@ -121,6 +126,17 @@ def main() -> int:
     names = list(plan) if args.rows == "all" else args.rows.split(",")
     dense_rows = ROOT / "bench" / "results" / "replaceme_smollm2.json"
     for name in names:
+        if name in table and args.remeasure and name in plan and plan[name] is not None:
+            old_recipe = json.loads(Path(table[name]["path"], "experts_recipe.json").read_text())
+            fresh = compress(name, plan[name], moe_dir, work)
+            new_recipe = json.loads(Path(fresh["path"], "experts_recipe.json").read_text())
+            if [lay.get("kept") for lay in old_recipe["layers"]] != [lay.get("kept") for lay in new_recipe["layers"]]:
+                raise SystemExit(f"{name}: the re-run kept other experts")
+            table[name].update({k: fresh[k] for k in ("wall_time_s", "stage_seconds", "peak_rss_mb",
+                                                      "reconstruction_error_mean")},
+                               remeasured=time.strftime("%Y-%m-%d"))
+            out_path.write_text(json.dumps(table, indent=2))
+            continue
         if name in table:
             logging.info("%s: already in %s", name, out_path)
             continue

@@ -14,6 +14,7 @@ tokens ``X_e`` (``nu_e = |X_e|``), gate ``g_e(x)`` as the family applies it and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -100,22 +101,24 @@ def to_host(stats: ExpertStats) -> dict:
             "ean": saliency(stats, "ean").tolist(), "reap": saliency(stats, "reap").tolist()}
 
 
-def reconstruction_error(old_mlp: dict, new_mlp: dict, config, x: jax.Array, chunk: int = 4096) -> float:
-    """``sum ||y_new(x) - y_old(x)||^2 / sum ||y_old(x)||^2`` of a layer's MoE block on tokens ``x [T, D]``
-    (the sampled MoE inputs), shared expert included: how much the compressed layer changes its output."""
+@functools.partial(jax.jit, static_argnames=("old_config", "new_config"))
+def _reconstruction_sums(old_mlp: dict, new_mlp: dict, x: jax.Array, *, old_config, new_config):
     from replaceme_jax.models.moe import moe_block
 
+    old = moe_block(old_mlp, old_config, x[None])[0].astype(jnp.float32)
+    new = moe_block(new_mlp, new_config, x[None])[0].astype(jnp.float32)
+    return jnp.sum((new - old) ** 2), jnp.sum(old**2)
+
+
+def reconstruction_error(old_mlp: dict, new_mlp: dict, config, x: jax.Array, chunk: int = 4096) -> float:
+    """``sum ||y_new(x) - y_old(x)||^2 / sum ||y_old(x)||^2`` of a layer's MoE block on tokens ``x [T, D]``
+    (the sampled MoE inputs), shared expert included: how much the compressed layer changes its output.
+    One compilation per chunk shape serves every layer (the params are arguments, not constants)."""
     old_config = config.with_experts(int(old_mlp["gate"]["kernel"].shape[-1]))
     new_config = config.with_experts(int(new_mlp["gate"]["kernel"].shape[-1]))
-
-    @jax.jit
-    def sums(x):
-        old = moe_block(old_mlp, old_config, x[None])[0].astype(jnp.float32)
-        new = moe_block(new_mlp, new_config, x[None])[0].astype(jnp.float32)
-        return jnp.sum((new - old) ** 2), jnp.sum(old**2)
-
     error = energy = 0.0
     for start in range(0, x.shape[0], chunk):
-        e, o = sums(x[start:start + chunk])
+        e, o = _reconstruction_sums(old_mlp, new_mlp, x[start:start + chunk], old_config=old_config,
+                                    new_config=new_config)
         error, energy = error + float(e), energy + float(o)
     return error / energy if energy > 0 else 0.0
