@@ -15,20 +15,26 @@ from replaceme_jax.models import llama
 from tests.helpers import make_model, random_batch, torch_logits
 
 
-def write_llama_gguf(path, model, config):
-    """What llama.cpp's converter writes for a llama model (F32 tensors, permuted Q/K rows)."""
+def new_writer(path, arch, config):
+    """A GGUFWriter with the attention/size metadata every architecture carries."""
     import gguf
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    return writer
+
+
+def write_llama_gguf(path, model, config):
+    """What llama.cpp's converter writes for a llama model (F32 tensors, permuted Q/K rows)."""
+    writer = new_writer(path, "llama", config)
+    writer.add_feed_forward_length(config.intermediate_size)
     writer.add_rope_dimension_count(config.head_dim)
     names = {
         "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -120,17 +126,7 @@ _MOE_PER_LAYER = {
 
 def write_moe_gguf(path, model, config, arch):
     """What llama.cpp's converter writes for mixtral (arch "llama"), qwen2moe and qwen3moe: F32 tensors."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    writer = new_writer(path, arch, config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
