@@ -272,3 +272,16 @@ def test_a_mixture_takes_rows_by_ratio_from_each_source_and_shuffles_them(tmp_pa
     mixed = load_calibration([{"dataset": str(a), "ratio": 1}, {"dataset": "self", "ratio": 1}], tok, max_length=6,
                              size=4, params=model.params, config=model.config, summary=(summary := []))
     assert len(mixed) == 4 and [s["sequences"] for s in summary] == [2, 2]
+
+
+def test_every_shipped_config_parses():
+    from pathlib import Path
+
+    from replaceme_jax.config import CompressConfig, load_config
+    from replaceme_jax.experts.config import ExpertsConfig
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        config = load_config(ExpertsConfig if path.name.startswith("moe_") else CompressConfig, str(path))
+        assert config.dataset and config.save_path, path
