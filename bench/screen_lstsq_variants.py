@@ -19,7 +19,7 @@ from replaceme_jax.capture import CaptureSpec, RowPolicy, run_capture
 from replaceme_jax.config import CompressConfig, from_dict
 from replaceme_jax.evaluate import load_task, run_task
 from replaceme_jax.replaceme import lstsq_from_normal_equations, replace_block
-from replaceme_jax.replaceme.pipeline import calibration_batches
+from replaceme_jax.data import calibration_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -34,7 +34,7 @@ cfg = from_dict(CompressConfig, dict(dataset=str(DATA / "calibration" / "c4_samp
                                      max_length=512, batch_size=8, layers_to_skip=8))
 model = load_model("smollm2-135m")
 tokenizer = load_tokenizer(model)
-batches = calibration_batches(cfg, model, tokenizer)
+batches = calibration_batches(cfg, tokenizer, model.params, model.config)
 tasks = [load_task("wikitext2", DATA / "eval", 8), load_task("lambada_openai", DATA / "eval", 200),
          load_task("arc_easy", DATA / "eval", 200)]
 

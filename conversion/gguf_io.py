@@ -81,7 +81,7 @@ def _moe_fields(reader, arch: str, cfg: dict) -> dict:
     return cfg
 
 
-def gguf_hf_config(path: Path, reader=None) -> dict:
+def gguf_hf_config(path: Path, reader) -> dict:
     """config.json dict that transformers derives from the GGUF metadata (MoE sizes from the metadata)."""
     from transformers import AutoConfig
 
@@ -93,9 +93,7 @@ def gguf_hf_config(path: Path, reader=None) -> dict:
     d.pop("_name_or_path", None)
     d.pop("_model_name_or_path", None)
     d["architectures"] = [type(cfg).__name__.replace("Config", "ForCausalLM")]
-    if reader is not None:
-        d = _moe_fields(reader, _arch(reader), d)
-    return d
+    return _moe_fields(reader, _arch(reader), d)
 
 
 def load_gguf(src, dtype: str | None = None, place: PlaceFn = default_place) -> LoadedModel:

@@ -493,7 +493,7 @@ def load_calibration(
     if not isinstance(dataset, str):
         sources = parse_mixture(dataset)
         counts = mixture_counts([s.ratio for s in sources], size or 128)
-        sequences = []
+        sequences, parts = [], summary if summary is not None else []
         for source, count in zip(sources, counts):
             got = load_calibration(
                 source.dataset, tokenizer, max_length, size=count,
@@ -501,12 +501,10 @@ def load_calibration(
                 split=source.dataset_subset if source.dataset_subset is not None else split,
                 chat_format=source.chat_format if source.chat_format is not None else chat_format,
                 add_bos=add_bos, params=params, config=config, seed=seed, temperature=temperature, top_k=top_k,
-                top_p=top_p, generation_batch_size=generation_batch_size, prompts=prompts)
+                top_p=top_p, generation_batch_size=generation_batch_size, prompts=prompts, summary=parts)
+            parts[-1]["ratio"] = source.ratio
             log.info("calibration source %s: %d sequences, %d tokens (ratio %g)", source.dataset, len(got),
-                     sum(map(len, got)), source.ratio)
-            if summary is not None:
-                summary.append({"dataset": source.dataset, "ratio": source.ratio, "requested": count,
-                                "sequences": len(got), "tokens": int(sum(map(len, got)))})
+                     parts[-1]["tokens"], source.ratio)
             sequences.extend(got)
         order = np.random.default_rng(seed).permutation(len(sequences))
         return [sequences[i] for i in order]

@@ -102,9 +102,9 @@ def test_lstsq_T_equals_float64_numpy_solution_on_the_same_rows(tmp_path):
     make_model(tmp_path / "m", "llama", num_hidden_layers=5)
     model = load_model(tmp_path / "m")
     cfg = run_config(tmp_path, tmp_path / "m")
-    from replaceme_jax.replaceme.pipeline import calibration_batches
+    from replaceme_jax.data import calibration_batches
 
-    batches = calibration_batches(cfg, model, __import__("conversion").load_tokenizer(model))
+    batches = calibration_batches(cfg, __import__("conversion").load_tokenizer(model), model.params, model.config)
     for rows in (RowPolicy(), RowPolicy(include_pad_rows=True), RowPolicy(exclude_first_token=True)):
         eq = run_capture(model.params, model.config, CaptureSpec(stats_blocks=((2, 4),), rows=rows),
                          batches).equations[0]
@@ -258,9 +258,9 @@ def test_normalized_rows_equal_a_weighted_float64_fit(tmp_path):
     model = load_model(tmp_path / "m")
     cfg = run_config(tmp_path, tmp_path / "m")
     from conversion import load_tokenizer
-    from replaceme_jax.replaceme.pipeline import calibration_batches
+    from replaceme_jax.data import calibration_batches
 
-    batches = calibration_batches(cfg, model, load_tokenizer(model))
+    batches = calibration_batches(cfg, load_tokenizer(model), model.params, model.config)
     rows = RowPolicy(normalize=True)
     eq = run_capture(model.params, model.config, CaptureSpec(stats_blocks=((1, 3),), rows=rows), batches).equations[0]
     data = collect_rows(model.params, model.config, (1, 3), rows, batches, max_rows=10**6)

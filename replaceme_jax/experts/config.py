@@ -51,7 +51,7 @@ class ExpertsConfig:
     recipe_path: str | None = None
 
     def validate(self) -> "ExpertsConfig":
-        for name in ("model_path", "save_path") + (() if self.recipe_path else ("dataset",)):
+        for name in ("model_path", "save_path"):
             if not getattr(self, name):
                 raise UsageError(f"config key {name!r} is required")
         if self.recipe_path and self.method == "ream":

@@ -111,13 +111,12 @@ def _calibrate_and_compress(cfg: ExpertsConfig, model: LoadedModel, num_keep: in
     # method's per-layer reconstruction error is measured on it.
     run = LayerwiseCalibration(model.params, config, [(b.input_ids, b.attention_mask) for b in batches],
                                dispatch=cfg.dispatch, sample_tokens=cfg.sample_tokens, seed=cfg.seed)
-    sample_wanted = cfg.sample_tokens > 0
     mlps, entries = [], []
     num_layers = config.num_hidden_layers
     with tqdm(total=num_layers, desc=f"{cfg.method} layers", unit="layer", disable=None) as bar:
         for index, layer in enumerate(model.params["layers"]):
             with timer("statistics"):
-                stats, sample, outputs = run.statistics(layer, want_sample=sample_wanted)
+                stats, sample, outputs = run.statistics(layer, want_sample=True)
             mlp, entry = _compress_layer(cfg, config, layer, stats, sample, num_keep, timer)
             entry["tokens"] = int(stats.tokens)
             if sample is not None:

@@ -29,6 +29,7 @@ from replaceme_jax.replaceme.solvers import (NormalEquations, cosine_state, fit_
                                              lstsq_from_normal_equations)
 from replaceme_jax.sharding import (check_batch_divides, gather_to_host, initialize_distributed, is_main_process,
                                     make_mesh, place_fn, shard_params)
+from replaceme_jax.data import calibration_batches
 from replaceme_jax.report import StageTimer, plot_distances, write_distances_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,6 @@ class CompressResult:
 def _progress(total: int, desc: str):
     # multi-host runs show progress on process 0 only
     return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, disable=None if is_main_process() else True)
-
-
-def calibration_batches(cfg: CompressConfig, model: LoadedModel, tokenizer):
-    from replaceme_jax.data import calibration_batches as batches_for
-
-    return batches_for(cfg, tokenizer, params=model.params, config=model.config)
 
 
 def _check_enough_data(cfg: CompressConfig, batches, dim: int) -> None:
@@ -183,7 +178,7 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
                          cfg.checkpoint_every, restart=restart)
     tokenizer = load_tokenizer(model)
     with timer("calibration_data"):
-        batches = calibration_batches(cfg, model, tokenizer)
+        batches = calibration_batches(cfg, tokenizer, params=model.params, config=model.config)
     dim = model.config.hidden_size
     _check_enough_data(cfg, batches, dim)
     log.info("calibration: %d sequences, %d tokens, %d batches, shapes %s", batches.num_sequences,
