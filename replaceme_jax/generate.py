@@ -57,16 +57,8 @@ def _cached_attention(p: dict, c: llama.LlamaConfig, x: jax.Array, start: jax.Ar
     """``llama._attention`` for tokens at positions ``start..start+S-1`` against the cache (written first)."""
     b, s, _ = x.shape
     hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    q, k, v = (llama._dense(p[name], x) for name in ("q_proj", "k_proj", "v_proj"))
-    if getattr(c, "full_width_qk_norm", False):  # olmoe: over the whole projection, then clipped
-        q = rms_norm(q, p["q_norm"]["scale"], c.rms_norm_eps)
-        k = rms_norm(k, p["k_norm"]["scale"], c.rms_norm_eps)
-    if getattr(c, "clip_qkv", None) is not None:
-        q, k, v = (jnp.clip(t, -c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-    q, k, v = q.reshape(b, s, hq, hd), k.reshape(b, s, hkv, hd), v.reshape(b, s, hkv, hd)
-    if c.qk_norm:
-        q = rms_norm(q, p["q_norm"]["scale"], c.rms_norm_eps)
-        k = rms_norm(k, p["k_norm"]["scale"], c.rms_norm_eps)
+    project = moe.project_qkv(c) if isinstance(c, moe.MoeConfig) else llama.project_qkv
+    q, k, v = project(p, c, x)
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
     # The cache is [B, kv_heads, T, head_dim]: both attention products are then plain batched matmuls

@@ -292,7 +292,8 @@ def attention_context(c: LlamaConfig, input_shape, attention_mask=None, position
     return AttentionContext(cos=cos, sin=sin, key_valid=attention_mask.astype(bool), positions=positions)
 
 
-def _attention(p: dict, c: LlamaConfig, x: jax.Array, ctx: AttentionContext, window: int | None) -> jax.Array:
+def project_qkv(p: dict, c: LlamaConfig, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys, values ``[B, S, heads, hd]`` before rope (with the per-head q/k norm of qwen3)."""
     b, s, _ = x.shape
     hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     q = _dense(p["q_proj"], x).reshape(b, s, hq, hd)
@@ -301,6 +302,15 @@ def _attention(p: dict, c: LlamaConfig, x: jax.Array, ctx: AttentionContext, win
     if c.qk_norm:
         q = rms_norm(q, p["q_norm"]["scale"], c.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["scale"], c.rms_norm_eps)
+    return q, k, v
+
+
+def _attention(p: dict, c: LlamaConfig, x: jax.Array, ctx: AttentionContext, window: int | None,
+               project=project_qkv) -> jax.Array:
+    """Causal self-attention; ``project`` gives q/k/v (a family with other q/k norms passes its own)."""
+    b, s, _ = x.shape
+    hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    q, k, v = project(p, c, x)
     q = apply_rotary(q, ctx.cos, ctx.sin)
     k = apply_rotary(k, ctx.cos, ctx.sin)
 

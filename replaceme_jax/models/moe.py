@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from replaceme_jax.errors import UnsupportedModelError
 from replaceme_jax.models import llama
-from replaceme_jax.models.common import ParamSpec, Params, apply_rotary, rms_norm
+from replaceme_jax.models.common import ParamSpec, Params, rms_norm
 from replaceme_jax.models.llama import FULL_ATTENTION, SLIDING_ATTENTION, AttentionContext, ForwardOutput
 
 MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -334,10 +334,9 @@ def moe_block(p: dict, c: MoeConfig, x: jax.Array, *, expert_mask: jax.Array | N
 # Layers and forward
 
 
-def _olmoe_attention(p: dict, c: MoeConfig, x: jax.Array, ctx: AttentionContext) -> jax.Array:
-    # OLMoE normalises q and k over the whole projection before the head split, which
-    # llama._attention (per-head norm fused with the projections) cannot express; past that point
-    # this is llama._attention line for line.
+def olmoe_project_qkv(p: dict, c: MoeConfig, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``llama.project_qkv`` for OLMoE: q and k normalised over the whole projection before the head
+    split, then q, k and v clipped to ``clip_qkv``."""
     b, s, _ = x.shape
     hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     q = rms_norm(llama._dense(p["q_proj"], x), p["q_norm"]["scale"], c.rms_norm_eps)
@@ -345,20 +344,12 @@ def _olmoe_attention(p: dict, c: MoeConfig, x: jax.Array, ctx: AttentionContext)
     v = llama._dense(p["v_proj"], x)
     if c.clip_qkv is not None:
         q, k, v = (jnp.clip(t, -c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-    q = apply_rotary(q.reshape(b, s, hq, hd), ctx.cos, ctx.sin)
-    k = apply_rotary(k.reshape(b, s, hkv, hd), ctx.cos, ctx.sin)
-    v = v.reshape(b, s, hkv, hd)
+    return q.reshape(b, s, hq, hd), k.reshape(b, s, hkv, hd), v.reshape(b, s, hkv, hd)
 
-    groups = hq // hkv
-    q = q.reshape(b, s, hkv, groups, hd)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * (hd**-0.5)
-    qpos = ctx.positions[:, :, None]
-    kpos = ctx.positions[:, None, :]
-    allowed = (kpos <= qpos) & ctx.key_valid[:, None, :]
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, s, hq * hd)
-    return llama._dense(p["o_proj"], out)
+
+def project_qkv(c: MoeConfig):
+    """The q/k/v projection of this family."""
+    return olmoe_project_qkv if c.full_width_qk_norm else llama.project_qkv
 
 
 def decoder_layer_with_aux(
@@ -367,10 +358,8 @@ def decoder_layer_with_aux(
 ) -> tuple[jax.Array, jax.Array, jax.Array, MoeAux]:
     """One pre-norm layer: ``(h_next, Y, M, aux)`` (output, residual after attention, MoE branch, aux)."""
     normed = rms_norm(h, layer["input_layernorm"]["scale"], c.rms_norm_eps)
-    if c.full_width_qk_norm:
-        attn_out = _olmoe_attention(layer["self_attn"], c, normed, ctx)
-    else:
-        attn_out = llama._attention(layer["self_attn"], c, normed, ctx, c.window_of_layer(layer_index))
+    attn_out = llama._attention(layer["self_attn"], c, normed, ctx, c.window_of_layer(layer_index),
+                                project=project_qkv(c))
     y = h + attn_out
     m, aux = moe_block(layer["mlp"], c, rms_norm(y, layer["post_attention_layernorm"]["scale"], c.rms_norm_eps),
                        expert_mask=expert_mask, dispatch=dispatch)
