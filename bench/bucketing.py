@@ -6,7 +6,7 @@
 import argparse
 from pathlib import Path
 
-from conversion import load_model, load_tokenizer
+from replaceme_jax.conversion import load_model, load_tokenizer
 from replaceme_jax.data import load_calibration, make_batches, pad_token_id
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration" / "c4_sample.jsonl"

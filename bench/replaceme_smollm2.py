@@ -72,7 +72,7 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
-    from conversion import load_model, load_tokenizer
+    from replaceme_jax.conversion import load_model, load_tokenizer
     from replaceme_jax.config import CompressConfig, from_dict
     from replaceme_jax.replaceme.pipeline import compress
 

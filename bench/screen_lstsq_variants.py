@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion import load_model, load_tokenizer
+from replaceme_jax.conversion import load_model, load_tokenizer
 from replaceme_jax.capture import CaptureSpec, RowPolicy, run_capture
 from replaceme_jax.config import CompressConfig, from_dict
 from replaceme_jax.evaluate import load_task, run_task

@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_convert(args) -> int:
-    from conversion import export_hf, load_model, save_orbax
-    from conversion.export import check_output_location, exported_bytes
-    from conversion.model_io import check_finite
+    from replaceme_jax.conversion import export_hf, load_model, save_orbax
+    from replaceme_jax.conversion.export import check_output_location, exported_bytes
+    from replaceme_jax.conversion.model_io import check_finite
 
     start = time.perf_counter()
     model = load_model(args.src, dtype=args.dtype)

@@ -543,7 +543,7 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str], *, data_di
 
     Task files are read and checked before any model is loaded, so a typo fails fast.
     """
-    from conversion import load_model, load_tokenizer
+    from replaceme_jax.conversion import load_model, load_tokenizer
 
     if not models:
         raise UsageError("no model given")

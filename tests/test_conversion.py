@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conversion import export_hf, load_model, save_orbax
+from replaceme_jax.conversion import export_hf, load_model, save_orbax
 from replaceme_jax.cli import main
 from replaceme_jax.errors import CheckpointError, UnsupportedModelError
 from replaceme_jax.models import llama

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from conversion import load_model, load_tokenizer
+from replaceme_jax.conversion import load_model, load_tokenizer
 from replaceme_jax import data
 from replaceme_jax.data import (
     bucket_length,

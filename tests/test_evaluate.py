@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conversion import load_model, load_tokenizer
+from replaceme_jax.conversion import load_model, load_tokenizer
 from replaceme_jax import cli
 from replaceme_jax import evaluate as ev
 from replaceme_jax.errors import ReplaceMeError, UsageError

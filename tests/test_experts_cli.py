@@ -9,7 +9,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conversion import load_model
+from replaceme_jax.conversion import load_model
 from replaceme_jax.cli import main
 from replaceme_jax.models import moe
 from tests.helpers import WORDS, random_batch, torch_logits

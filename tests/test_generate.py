@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conversion import load_model, load_tokenizer
+from replaceme_jax.conversion import load_model, load_tokenizer
 from replaceme_jax.generate import Sampling, decode_samples, generate, nucleus_mask, sample_logits, sample_texts
 from tests.helpers import FAMILY_CONFIGS, make_model
 from tests.moe_helpers import MOE_CONFIGS, make_moe_model

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conversion import export_hf, load_model
-from conversion.assets import smollm2_gguf
-from conversion.gguf_io import apply_qk_permutation, undo_qk_permutation
+from replaceme_jax.conversion import export_hf, load_model
+from replaceme_jax.conversion.assets import smollm2_gguf
+from replaceme_jax.conversion.gguf_io import apply_qk_permutation, undo_qk_permutation
 from replaceme_jax.models import llama
 from tests.helpers import make_model, random_batch, torch_logits
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conversion import load_model
+from replaceme_jax.conversion import load_model
 from replaceme_jax.models import llama
 from tests.helpers import FAMILY_CONFIGS, make_model, random_batch, torch_logits
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from conversion import export_hf, load_model
+from replaceme_jax.conversion import export_hf, load_model
 from replaceme_jax.errors import CheckpointError, UnsupportedModelError
 from replaceme_jax.models import moe
 from tests.helpers import assert_same_safetensors, random_batch, read_safetensors, torch_logits
@@ -200,7 +200,7 @@ def test_both_spellings_of_the_expert_count_are_read_and_written_back():
 
 
 def test_orbax_round_trip_is_bit_exact(tmp_path):
-    from conversion import save_orbax
+    from replaceme_jax.conversion import save_orbax
 
     model_type, overrides = MOE_CONFIGS["olmoe"]
     make_moe_model(tmp_path / "src", model_type, dtype="bfloat16", **overrides)

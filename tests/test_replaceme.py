@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM
 
-from conversion import load_model
+from replaceme_jax.conversion import load_model, load_tokenizer
 from replaceme_jax.capture import CaptureSpec, RowPolicy, collect_rows, run_capture
 from replaceme_jax.cli import main
 from replaceme_jax.config import CompressConfig, from_dict
@@ -104,7 +104,7 @@ def test_lstsq_T_equals_float64_numpy_solution_on_the_same_rows(tmp_path):
     cfg = run_config(tmp_path, tmp_path / "m")
     from replaceme_jax.data import calibration_batches
 
-    batches = calibration_batches(cfg, __import__("conversion").load_tokenizer(model), model.params, model.config)
+    batches = calibration_batches(cfg, load_tokenizer(model), model.params, model.config)
     for rows in (RowPolicy(), RowPolicy(include_pad_rows=True), RowPolicy(exclude_first_token=True)):
         eq = run_capture(model.params, model.config, CaptureSpec(stats_blocks=((2, 4),), rows=rows),
                          batches).equations[0]
@@ -257,7 +257,7 @@ def test_normalized_rows_equal_a_weighted_float64_fit(tmp_path):
     make_model(tmp_path / "m", "llama", num_hidden_layers=4)
     model = load_model(tmp_path / "m")
     cfg = run_config(tmp_path, tmp_path / "m")
-    from conversion import load_tokenizer
+    from replaceme_jax.conversion import load_tokenizer
     from replaceme_jax.data import calibration_batches
 
     batches = calibration_batches(cfg, load_tokenizer(model), model.params, model.config)

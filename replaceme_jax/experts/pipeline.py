@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from conversion import LoadedModel, export_hf, load_model, load_tokenizer
-from conversion.export import check_output_location, exported_bytes
-from conversion.model_io import check_finite
+from replaceme_jax.conversion import LoadedModel, export_hf, load_model, load_tokenizer
+from replaceme_jax.conversion.export import check_output_location, exported_bytes
+from replaceme_jax.conversion.model_io import check_finite
 from replaceme_jax import __version__
 from replaceme_jax.config import to_dict
 from replaceme_jax.data import calibration_batches

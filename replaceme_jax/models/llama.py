@@ -3,7 +3,7 @@
 Parameters are a plain pytree (nested dicts, ``layers`` a Python list) in HF's layout: rotate-half
 rope, unscaled q, HF head order, kernels ``[in, out]``. Dropping a block of layers is a list slice and
 folding a matrix into ``down_proj`` replaces one array. Names mirror HF module names so that the
-weight map in ``conversion/`` stays a short table.
+weight map in ``replaceme_jax/conversion/`` stays a short table.
 """
 
 from __future__ import annotations

@@ -13,12 +13,12 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from conversion import LoadedModel, export_hf, load_model, load_tokenizer
-from conversion.export import check_output_location, exported_bytes
-from conversion.atomic import atomic_output_dir
-from conversion.model_io import check_finite
+from replaceme_jax.conversion import LoadedModel, export_hf, load_model, load_tokenizer
+from replaceme_jax.conversion.export import check_output_location, exported_bytes
+from replaceme_jax.conversion.atomic import atomic_output_dir
+from replaceme_jax.conversion.model_io import check_finite
 from replaceme_jax import __version__
-from conversion.assets import resolve_builtin
+from replaceme_jax.conversion.assets import resolve_builtin
 from replaceme_jax.checkpointing import RunState, model_fingerprint, only_state
 from replaceme_jax.capture import CaptureSpec, RowPolicy, collect_rows, run_capture, stats_bytes
 from replaceme_jax.config import CompressConfig, to_dict

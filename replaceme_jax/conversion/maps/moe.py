@@ -7,8 +7,8 @@ the per-expert layout, which both versions load. Rule order matters for export: 
 matches a parameter path names its HF key.
 """
 
-from conversion.maps import llama
-from conversion.weight_map import WeightRule
+from replaceme_jax.conversion.maps import llama
+from replaceme_jax.conversion.weight_map import WeightRule
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from conversion.maps import WEIGHT_MAPS
-from conversion.weight_map import (
+from replaceme_jax.conversion.maps import WEIGHT_MAPS
+from replaceme_jax.conversion.weight_map import (
     WeightRule,
     empty_like_specs,
     flatten_params,
@@ -271,7 +271,7 @@ def detect_format(src: str | os.PathLike) -> str:
         if magic == b"GGUF":
             return "gguf"
         raise CheckpointError(f"{src}: not a GGUF file (expected an HF directory, a GGUF file or an orbax checkpoint)")
-    from conversion.orbax_io import is_orbax_checkpoint
+    from replaceme_jax.conversion.orbax_io import is_orbax_checkpoint
 
     if is_orbax_checkpoint(path):
         return "orbax"
@@ -280,16 +280,16 @@ def detect_format(src: str | os.PathLike) -> str:
 
 def load_model(src: str | os.PathLike, dtype: str | None = None, place: PlaceFn = default_place) -> LoadedModel:
     """Load anything ``convert`` accepts: an HF directory, a GGUF file, or an orbax checkpoint of this tool."""
-    from conversion.assets import resolve_builtin
+    from replaceme_jax.conversion.assets import resolve_builtin
 
     src = resolve_builtin(str(src))
     kind = detect_format(src)
     if kind == "gguf":
-        from conversion.gguf_io import load_gguf
+        from replaceme_jax.conversion.gguf_io import load_gguf
 
         return load_gguf(src, dtype=dtype, place=place)
     if kind == "orbax":
-        from conversion.orbax_io import load_orbax
+        from replaceme_jax.conversion.orbax_io import load_orbax
 
         return load_orbax(src, dtype=dtype)
     return load_hf_directory(src, dtype=dtype, place=place)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion.atomic import atomic_output_dir
-from conversion.maps import WEIGHT_MAPS
-from conversion.model_io import TOKENIZER_FILES, LoadedModel, dtype_name, parse_dtype
-from conversion.weight_map import flatten_params, param_to_hf_keys, to_hf_layout
+from replaceme_jax.conversion.atomic import atomic_output_dir
+from replaceme_jax.conversion.maps import WEIGHT_MAPS
+from replaceme_jax.conversion.model_io import TOKENIZER_FILES, LoadedModel, dtype_name, parse_dtype
+from replaceme_jax.conversion.weight_map import flatten_params, param_to_hf_keys, to_hf_layout
 from replaceme_jax.errors import ReplaceMeError
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def write_tokenizer(model: LoadedModel, out: Path) -> None:
         return
     path = Path(source)
     if path.is_file():  # GGUF: rebuild the tokenizer from its metadata
-        from conversion.model_io import load_tokenizer
+        from replaceme_jax.conversion.model_io import load_tokenizer
 
         load_tokenizer(model).save_pretrained(str(out))
         _write_generation_config(model, out)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion.maps import GGUF_NAME_MAPS, WEIGHT_MAPS
-from conversion.model_io import LoadedModel, ParamFiller, PlaceFn, default_place, parse_dtype
-from conversion.weight_map import hf_key_to_param
+from replaceme_jax.conversion.maps import GGUF_NAME_MAPS, WEIGHT_MAPS
+from replaceme_jax.conversion.model_io import LoadedModel, ParamFiller, PlaceFn, default_place, parse_dtype
+from replaceme_jax.conversion.weight_map import hf_key_to_param
 from replaceme_jax.errors import CheckpointError, UnsupportedModelError
 from replaceme_jax.models import family_for
 

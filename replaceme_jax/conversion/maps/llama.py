@@ -1,6 +1,6 @@
 """Weight map of the Llama family (llama, mistral, qwen2, qwen3): HF names <-> params paths."""
 
-from conversion.weight_map import WeightRule
+from replaceme_jax.conversion.weight_map import WeightRule
 
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import jax
 
-from conversion.atomic import atomic_output_dir
-from conversion.model_io import LoadedModel, dtype_name, parse_dtype
+from replaceme_jax.conversion.atomic import atomic_output_dir
+from replaceme_jax.conversion.model_io import LoadedModel, dtype_name, parse_dtype
 from replaceme_jax.errors import CheckpointError
 from replaceme_jax.models import family_for
 from replaceme_jax.models.common import abstract_params
@@ -29,7 +29,7 @@ def is_orbax_checkpoint(path: Path) -> bool:
 def save_orbax(model: LoadedModel, dst: str | os.PathLike, dtype: str | None = None, *, overwrite: bool = False) -> Path:
     import orbax.checkpoint as ocp
 
-    from conversion.export import write_tokenizer
+    from replaceme_jax.conversion.export import write_tokenizer
 
     params = model.params
     if dtype is not None:

@@ -1,6 +1,6 @@
 """One declarative weight map per architecture family."""
 
-from conversion.maps import llama, moe
+from replaceme_jax.conversion.maps import llama, moe
 
 WEIGHT_MAPS = {model_type: llama.WEIGHT_MAP for model_type in ("llama", "mistral", "qwen2", "qwen3")}
 WEIGHT_MAPS.update(moe.WEIGHT_MAPS)

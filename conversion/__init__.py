@@ -1,7 +1,0 @@
-"""Checkpoint formats <-> replaceme_jax params: HF safetensors directories, GGUF files, orbax."""
-
-from conversion.export import export_hf
-from conversion.model_io import LoadedModel, load_model, load_tokenizer
-from conversion.orbax_io import save_orbax
-
-__all__ = ["LoadedModel", "export_hf", "load_model", "load_tokenizer", "save_orbax"]
