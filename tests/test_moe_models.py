@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -161,8 +163,12 @@ def test_missing_expert_tensor_is_named(tmp_path):
 def test_duplicate_expert_tensor_is_refused(tmp_path):
     model_type, overrides = MOE_CONFIGS["mixtral"]
     reference = make_moe_model(tmp_path / "src", model_type, **overrides)
-    fused = reference.state_dict()["model.layers.0.mlp.experts.down_proj"].contiguous()
-    save_file({"model.layers.0.mlp.experts.down_proj": fused}, str(tmp_path / "src" / "extra.safetensors"))
+    fused = reference.state_dict()["model.layers.0.mlp.experts.down_proj"].contiguous().numpy()
+    path = tmp_path / "src" / "model.safetensors"
+    with safe_open(str(path), "numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    # the per-expert tensors and the fused one side by side in the one weight file
+    save_numpy({**tensors, "model.layers.0.mlp.experts.down_proj": fused}, str(path))
     with pytest.raises(CheckpointError, match="appears twice"):
         load_model(tmp_path / "src")
 

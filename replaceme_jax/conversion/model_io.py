@@ -202,7 +202,10 @@ def _safetensors_files(directory: Path) -> list[Path]:
             if not f.is_file():
                 raise CheckpointError(f"{index}: shard {f.name} is missing")
         return files
-    return sorted(directory.glob("*.safetensors"))
+    # Only the file transformers itself reads: side files of ours (or anyone's) that happen to end in
+    # .safetensors are never taken for weights.
+    single = directory / "model.safetensors"
+    return [single] if single.is_file() else []
 
 
 def iter_hf_tensors(directory: Path) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
@@ -227,7 +230,7 @@ def iter_hf_tensors(directory: Path) -> Iterator[tuple[str, Callable[[], np.ndar
         return
     bins = sorted(directory.glob("pytorch_model*.bin"))
     if not bins:
-        raise CheckpointError(f"{directory}: no *.safetensors or pytorch_model*.bin weights")
+        raise CheckpointError(f"{directory}: no weights (model.safetensors, model.safetensors.index.json or pytorch_model*.bin)")
     try:
         import torch
     except ImportError:
