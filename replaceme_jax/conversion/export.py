@@ -52,9 +52,9 @@ def write_tokenizer(model: LoadedModel, out: Path) -> None:
         return
     path = Path(source)
     if path.is_file():  # GGUF: rebuild the tokenizer from its metadata
-        from replaceme_jax.conversion.model_io import load_tokenizer
+        from replaceme_jax.conversion.gguf_metadata import gguf_tokenizer
 
-        load_tokenizer(model).save_pretrained(str(out))
+        gguf_tokenizer(path).save_pretrained(str(out))
         _write_generation_config(model, out)
         return
     for name in TOKENIZER_FILES:

@@ -314,7 +314,9 @@ def load_tokenizer(model: LoadedModel):
         raise ReplaceMeError(f"{model.source}: no tokenizer available")
     path = Path(source)
     if path.is_file():
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        from replaceme_jax.conversion.gguf_metadata import gguf_tokenizer
+
+        return gguf_tokenizer(path)
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ReplaceMeError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     return AutoTokenizer.from_pretrained(str(path))
