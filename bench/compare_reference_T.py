@@ -1,6 +1,6 @@
 """Compare a fitted T with the reference implementation's (shared/data/reference/smollm2_n8_lstsq_T.safetensors).
 
-    python bench/compare_reference_T.py outputs/smollm2-c4-lstsq-refmode/transforms.safetensors
+    python bench/compare_reference_T.py outputs/smollm2-c4-lstsq-refmode/replaceme/transforms.safetensors
 """
 
 import sys

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 import time
 
+from replaceme_jax import interrupt
 from replaceme_jax.errors import ReplaceMeError, UsageError
+
+INTERRUPTED = 130
 
 log = logging.getLogger("replaceme_jax")
 
@@ -71,7 +76,17 @@ def cmd_convert(args) -> int:
     from replaceme_jax.conversion.export import check_output_location, exported_bytes
     from replaceme_jax.conversion.model_io import check_finite
 
+    from pathlib import Path
+
+    from replaceme_jax.conversion.model_io import check_model_source
+    from replaceme_jax.errors import OutputExistsError
+
     start = time.perf_counter()
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+        raise OutputExistsError(dst)
+    check_output_location(dst, 0)
+    check_model_source(args.src)
     model = load_model(args.src, dtype=args.dtype)
     check_finite(model.params, args.src)
     check_output_location(args.dst, exported_bytes(model.params, args.dtype or model.source_dtype))
@@ -145,15 +160,53 @@ COMMANDS = {"convert": cmd_convert, "compress": cmd_compress, "distances": cmd_d
             "experts": cmd_experts}
 
 
+INTERRUPT_GRACE_S = 1.5  # how long the worker gets to stop at its next check before the process exits
+
+
+def _configure_logging(quiet: bool, debug: bool) -> None:
+    # Our own progress at INFO; other libraries' INFO chatter (orbax and absl print dozens of lines per
+    # checkpoint) only with --debug.
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("replaceme_jax").setLevel(logging.WARNING if quiet else logging.INFO)
+    if not debug:
+        for name in ("absl", "orbax", "jax._src.xla_bridge"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _run_in_worker(command, args) -> int:
+    """Run ``command(args)`` in a worker thread; the main thread stays free to take Ctrl-C at once."""
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["value"] = command(args)
+        except BaseException as e:  # re-raised in the main thread
+            outcome["error"] = e
+
+    interrupt.clear()
+    worker = threading.Thread(target=work, name="replaceme-jax", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        interrupt.request()
+        worker.join(INTERRUPT_GRACE_S)
+        interrupt.remove_temporaries()  # if the worker is still inside a long XLA call
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-        return COMMANDS[args.command](args)
+        _configure_logging(args.quiet, debug)
+        return _run_in_worker(COMMANDS[args.command], args)
     except ReplaceMeError as e:
         if debug:
             raise
@@ -167,8 +220,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("replaceme-jax: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+
+
+def entry() -> None:
+    """The ``replaceme-jax`` console script."""
+    code = main()
+    if code == INTERRUPTED:
+        # The worker may still be inside an XLA call, which interpreter shutdown would wait for.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

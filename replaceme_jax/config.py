@@ -29,7 +29,8 @@ class CompressConfig:
     layers_to_skip: int = 8
     num_A: int = 1
     merge_consecutive: bool = True
-    alpha: float = 0.0
+    # ridge strength; "auto" picks it per fit from a grid by the error on held-out documents
+    alpha: float | Literal["auto"] = "auto"
     diag: bool = False
     loss: Literal["cosine", "mse"] = "cosine"
     accurate: bool = False
@@ -54,11 +55,20 @@ class CompressConfig:
     bucket: Literal["pow2", "longest"] | int = "pow2"  # batch length buckets ("longest" = the reference's)
     sort_by_length: bool = True  # group similar lengths (less padding); false keeps the data order
     include_pad_rows: bool = False  # the reference fits pad rows too; set true to reproduce it
-    # Position 0 carries SmolLM2's massive activation (an attention sink): fitting it wrecks ordinary
-    # tokens (WikiText-2 ppl 513 -> 109 on 8 windows when excluded; bench/screen_lstsq_variants.py).
-    first_token_rows: Literal["include", "exclude"] = "exclude"
+    # Position 0 carries SmolLM2's massive activation (an attention sink): fitted with the weight of
+    # every other row it wrecks ordinary tokens, left out the map wrecks the sink (BENCHMARKS.md).
+    # A number w weights the first-position rows to w times the other rows' energy; "auto" searches
+    # w (and alpha: auto) for the lowest held-out perplexity.
+    first_token_rows: float | Literal["include", "exclude", "auto"] = "auto"
     normalize_rows: bool = False  # weight rows by 1/||h_end - Y||^2 (massive-activation rows stop dominating)
-    ridge_target: Literal["zero", "identity"] = "zero"  # alpha ||T||^2 (reference) or alpha ||T - I||^2
+    # alpha ||T - I||^2 shrinks towards dropping the block (T = I); the reference's ridge is alpha ||T||^2
+    ridge_target: Literal["zero", "identity"] = "identity"
+    # whole calibration documents held out to validate every fit (at least validation_min_sequences)
+    validation_fraction: float = 0.15
+    validation_min_sequences: int = 4
+    validation_max_tokens: int = 8192  # held-out tokens scored end to end for each candidate T
+    # when T does not beat dropping the block on held-out data: write the dropped block (uidl) or T anyway
+    fallback: Literal["uidl", "none"] = "uidl"
     alpha_relative: bool = False  # alpha is a fraction of mean(diag(A)) instead of an absolute value
     distance_state: Literal["residual", "reference"] = "residual"
     sequential: bool = True  # fit each later T on the model with earlier blocks already replaced
@@ -71,7 +81,8 @@ class CompressConfig:
     mesh: dict | None = None  # e.g. {data: 4, fsdp: 1, tensor: 2}; default: every device on data
     distributed: dict | None = None  # {coordinator_address, num_processes, process_id} or {auto: true}
     overwrite: bool = False
-    checkpoint_every: int = 0
+    # save the streaming state every N batches, or "auto": by time, at most ~5% of a pass; 0: never
+    checkpoint_every: int | Literal["auto"] = "auto"
 
     def validate(self) -> "CompressConfig":
         positive = ("dataset_size", "batch_size", "max_length", "layers_to_skip", "num_A", "cosine_epochs",
@@ -79,8 +90,22 @@ class CompressConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"config key {name!r} must be >= 1 (got {getattr(self, name)})")
-        if self.alpha < 0:
-            raise UsageError(f"config key 'alpha' must be >= 0 (got {self.alpha})")
+        if self.alpha != "auto" and self.alpha < 0:
+            raise UsageError(f"config key 'alpha' must be >= 0 or auto (got {self.alpha})")
+        if not 0 <= self.validation_fraction < 1:
+            raise UsageError(f"config key 'validation_fraction' must be in [0, 1) (got {self.validation_fraction})")
+        if isinstance(self.first_token_rows, float) and not 0 <= self.first_token_rows < float("inf"):
+            raise UsageError(f"config key 'first_token_rows' must be include, exclude, auto or a weight >= 0 "
+                             f"(got {self.first_token_rows})")
+        if self.validation_min_sequences < 1 or self.validation_max_tokens < 1:
+            raise UsageError("config keys 'validation_min_sequences' and 'validation_max_tokens' must be >= 1")
+        if self.validation_fraction == 0 and self.method != "uidl":
+            for key in ("alpha", "first_token_rows"):
+                if getattr(self, key) == "auto":
+                    raise UsageError(f"config key {key!r}: auto chooses on held-out data; with validation_fraction: 0 "
+                                     f"give it a value")
+        if self.checkpoint_every != "auto" and self.checkpoint_every < 0:
+            raise UsageError(f"config key 'checkpoint_every' must be >= 0 or auto (got {self.checkpoint_every})")
         if self.cosine_lr <= 0:
             raise UsageError(f"config key 'cosine_lr' must be > 0 (got {self.cosine_lr})")
         if self.use_4bit:
@@ -156,9 +181,17 @@ def from_dict(cls, raw: dict, source: str = "config"):
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise UsageError(f"{source}: unknown config key {unknown[0]!r}")
+        raise UsageError(f"{source}: unknown config key {unknown[0]!r}{did_you_mean(unknown[0], fields)}")
     values = {name: _check_type(name, value, hints[name]) for name, value in raw.items()}
     return cls(**values).validate()
+
+
+def did_you_mean(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name, or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def parse_override(text: str) -> tuple[str, Any]:

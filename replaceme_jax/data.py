@@ -529,15 +529,55 @@ def load_calibration(
     return sequences
 
 
-def calibration_batches(cfg, tokenizer, params=None, config=None) -> Batches:
-    """Batches for a run config (``compress`` or ``experts``): its data keys, ``self`` sampling keys,
-    bucketing and seed. ``Batches.sources`` records what each source of the data gave."""
+def check_sources(dataset: str | Sequence[Mapping[str, Any]]) -> None:
+    """Fail at once on a local data file that does not exist (before any model is loaded)."""
+    names = [dataset] if isinstance(dataset, str) else [entry.get("dataset") for entry in dataset]
+    for name in names:
+        if not isinstance(name, str) or name == SELF_DATASET or not _is_local(name):
+            continue
+        if not Path(name).expanduser().exists():
+            raise ReplaceMeError(f"{name}: no such file (calibration dataset)")
+
+
+def split_heldout(sequences: Sequence[np.ndarray], fraction: float, minimum: int, seed: int = 0
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Hold out whole sequences (documents, never rows of one) to validate a fit: ``max(minimum,
+    round(fraction * n))`` of them, drawn with ``seed``; the rest keep their order. ``fraction=0``
+    holds out nothing."""
+    sequences = list(sequences)
+    if fraction <= 0:
+        return sequences, []
+    n = len(sequences)
+    k = max(minimum, round(fraction * n))
+    if n - k < k:
+        raise ReplaceMeError(
+            f"too little calibration data to validate the fit: {n} sequences, and {k} are held out "
+            f"(need at least {2 * k}; raise dataset_size, or set validation_fraction: 0 with a numeric alpha "
+            f"and first_token_rows include|exclude)")
+    held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
+    return ([s for i, s in enumerate(sequences) if i not in held], [s for i, s in enumerate(sequences) if i in held])
+
+
+def calibration_sequences(cfg, tokenizer, params=None, config=None) -> tuple[list[np.ndarray], tuple[dict, ...]]:
+    """Token sequences for a run config (``compress`` or ``experts``), and what each data source gave."""
     sources: list[dict] = []
     sequences = load_calibration(
         cfg.dataset, tokenizer, cfg.max_length, size=cfg.dataset_size, column=cfg.dataset_column,
         split=cfg.dataset_subset, chat_format=cfg.chat_format, params=params, config=config, seed=cfg.seed,
         temperature=cfg.self_temperature, top_k=cfg.self_top_k, top_p=cfg.self_top_p,
         generation_batch_size=cfg.self_batch_size, summary=sources)
+    return sequences, tuple(sources)
+
+
+def batches_for(cfg, sequences: Sequence[np.ndarray], tokenizer, sources: tuple[dict, ...] = ()) -> Batches:
+    """``make_batches`` with a run config's batch size, length and bucketing."""
     batches = make_batches(sequences, cfg.batch_size, cfg.max_length, pad_token_id(tokenizer), bucket=cfg.bucket,
                            sort_by_length=getattr(cfg, "sort_by_length", True))
-    return dataclasses.replace(batches, sources=tuple(sources))
+    return dataclasses.replace(batches, sources=sources)
+
+
+def calibration_batches(cfg, tokenizer, params=None, config=None) -> Batches:
+    """Batches for a run config (``compress`` or ``experts``): its data keys, ``self`` sampling keys,
+    bucketing and seed. ``Batches.sources`` records what each source of the data gave."""
+    sequences, sources = calibration_sequences(cfg, tokenizer, params, config)
+    return batches_for(cfg, sequences, tokenizer, sources)

@@ -46,7 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from replaceme_jax import interrupt
 from replaceme_jax.errors import ReplaceMeError, UsageError
+from replaceme_jax.progress import progress_bar
 from replaceme_jax.models import family_for
 
 log = logging.getLogger(__name__)
@@ -103,9 +105,7 @@ def _score_batch(params, input_ids, attention_mask, targets, target_mask, *, con
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="seq", disable=not enabled, leave=False, dynamic_ncols=True)
+    return progress_bar(total, desc, unit="seq", enabled=enabled, leave=False)
 
 
 def score_requests(
@@ -161,6 +161,7 @@ def score_requests(
 
     with _progress(n, desc, progress) as bar:
         for indices in batches:
+            interrupt.check()
             length = bucket_length(max(len(sequences[i]) - 1 for i in indices), max_length)
             ids = np.zeros((rows, length), np.int32)
             mask = np.zeros((rows, length), np.int32)
@@ -550,6 +551,10 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str], *, data_di
     if max_length < 2 or batch_size < 1:
         raise UsageError(f"--max-length must be >= 2 and --batch-size >= 1 (got {max_length}, {batch_size})")
     loaded_tasks = [load_task(name, data_dir, limit) for name in parse_task_list(tasks)]
+    from replaceme_jax.conversion.model_io import check_model_source
+
+    for src in models:  # a bad second model fails now, not after the first one is scored
+        check_model_source(src)
     settings = {"tasks": [t.name for t in loaded_tasks], "files": {t.name: str(t.path) for t in loaded_tasks},
                 "limit": limit, "max_length": max_length, "batch_size": batch_size, "backend": jax.default_backend()}
     report = {"settings": settings, "models": {}}
@@ -630,6 +635,8 @@ def plot_report(report: dict, path: str | Path) -> Path:
             heights = [results.get(task, {}).get(metric, np.nan) for task, metric, _ in group]
             ax.bar(x + (k - (len(names) - 1) / 2) * width, heights, width, label=name)
         ax.set_xticks(x, [f"{task}\n{metric}" for task, metric, _ in group], fontsize=8)
+        if title.startswith("perplexity"):
+            ax.set_yscale("log")  # a pruned model can be 10^4 times the original: every bar stays visible
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     fig.axes[0].legend(fontsize=8)

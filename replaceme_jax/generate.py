@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from replaceme_jax import interrupt
 from replaceme_jax.data import pad_token_id
 from replaceme_jax.errors import ReplaceMeError, UnsupportedModelError
+from replaceme_jax.progress import progress_bar
 from replaceme_jax.models import llama, moe
 from replaceme_jax.models.common import Params, apply_rotary, rms_norm, rotary_cos_sin
 
@@ -146,23 +148,33 @@ def nucleus_mask(probs: jax.Array, top_p: float, iterations: int = 40) -> jax.Ar
     return probs >= lo
 
 
-@functools.partial(jax.jit, static_argnames=("c", "prefix", "sampling", "pad_id"))
-def _generate_batch(params, tokens, prompt_lengths, limits, eos_ids, key, *, c, prefix, sampling, pad_id):
-    """tokens [B, T]: prompts, right-padded with ``pad_id``. Returns (tokens [B, T], lengths [B])."""
+DECODE_CHUNK = 16  # decoding steps per jitted call: between calls Ctrl-C is honoured and progress shown
+
+
+@functools.partial(jax.jit, static_argnames=("c", "prefix"))
+def _prefill(params, tokens, *, c, prefix):
+    """A KV cache holding the first ``prefix - 1`` prompt tokens (every row has at least ``prefix``)."""
     b, total = tokens.shape
     cache = init_cache(c, b, total, params["embed_tokens"]["embedding"].dtype)
-    if prefix > 1:  # every row has at least `prefix` prompt tokens: fill their cache in one pass
+    if prefix > 1:
         _, cache = forward_cached(params, c, tokens[:, : prefix - 1], jnp.int32(0), cache, compute_logits=False)
+    return cache
+
+
+@functools.partial(jax.jit, static_argnames=("c", "sampling", "pad_id", "steps"))
+def _decode_chunk(params, state, prompt_lengths, limits, eos_ids, key, *, c, sampling, pad_id, steps):
+    """Up to ``steps`` decoding steps of ``state = (t, tokens, cache, done, lengths)``."""
+    total = state[1].shape[1]
 
     def is_eos(tok):
         return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
 
-    def cond(state):
-        t, _, _, done, _ = state
-        return (t < total - 1) & ~jnp.all(done)
+    def cond(carry):
+        i, (t, _, _, done, _) = carry
+        return (i < steps) & (t < total - 1) & ~jnp.all(done)
 
-    def body(state):
-        t, toks, cache, done, lengths = state
+    def body(carry):
+        i, (t, toks, cache, done, lengths) = carry
         current = jax.lax.dynamic_slice_in_dim(toks, t, 1, axis=1)
         logits, cache = forward_cached(params, c, current, t, cache)
         p = t + 1  # the position being chosen
@@ -177,12 +189,32 @@ def _generate_batch(params, tokens, prompt_lengths, limits, eos_ids, key, *, c, 
         lengths = jnp.where(stops, p + 1, lengths)  # the EOS token is kept
         done = done | stops | (~in_prompt & (p + 1 >= limits))
         toks = jax.lax.dynamic_update_slice_in_dim(toks, chosen[:, None], p, axis=1)
-        return t + 1, toks, cache, done, lengths
+        return i + 1, (t + 1, toks, cache, done, lengths)
 
-    done = prompt_lengths >= limits
-    state = (jnp.int32(prefix - 1), tokens, cache, done, limits)
-    _, tokens, _, _, lengths = jax.lax.while_loop(cond, body, state)
-    return tokens, lengths
+    _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    return state
+
+
+def _generate_batch(params, tokens, prompt_lengths, limits, eos_ids, key, *, c, prefix, sampling, pad_id,
+                    progress=None):
+    """tokens [B, T]: prompts, right-padded with ``pad_id``. Returns (tokens [B, T], lengths [B]).
+
+    Decoding runs in chunks of ``DECODE_CHUNK`` steps, so a stop request is honoured within one chunk."""
+    total = tokens.shape[1]
+    cache = _prefill(params, tokens, c=c, prefix=prefix)
+    state = (jnp.int32(prefix - 1), tokens, cache, prompt_lengths >= limits, limits)
+    t = prefix - 1
+    while True:
+        interrupt.check()
+        state = _decode_chunk(params, state, prompt_lengths, limits, eos_ids, key, c=c, sampling=sampling,
+                              pad_id=pad_id, steps=DECODE_CHUNK)
+        t_now = int(state[0])
+        if progress is not None:
+            progress(t_now - t)
+        t = t_now
+        if t >= total - 1 or bool(jnp.all(state[3])):
+            break
+    return state[1], state[4]
 
 
 def generate(
@@ -195,6 +227,7 @@ def generate(
     sampling: Sampling = Sampling(),
     eos_ids: Sequence[int] = (),
     pad_id: int = 0,
+    progress=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens, stopping a row at EOS.
 
@@ -218,7 +251,7 @@ def generate(
     eos = np.asarray(sorted(set(int(e) for e in eos_ids)) or [-1], np.int32)  # -1 never matches
     out, out_lengths = _generate_batch(
         params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(lengths + max_new_tokens), jnp.asarray(eos),
-        key, c=c, prefix=int(lengths.min()), sampling=sampling, pad_id=int(pad_id))
+        key, c=c, prefix=int(lengths.min()), sampling=sampling, pad_id=int(pad_id), progress=progress)
     return np.asarray(out), np.asarray(out_lengths)
 
 
@@ -270,12 +303,15 @@ def sample_texts(
     pad_id = pad_token_id(tokenizer)
     key = jax.random.key(seed)
     samples: list[np.ndarray] = []
-    for batch_index, first in enumerate(range(0, num_samples, batch_size)):
-        rows = [prompt_ids[(first + r) % len(prompt_ids)] for r in range(batch_size)]
-        tokens, lengths = generate(params, config, rows, max_new_tokens, jax.random.fold_in(key, batch_index),
-                                   sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
-        for r in range(min(batch_size, num_samples - first)):
-            samples.append(tokens[r, : lengths[r]].copy())
+    batches = range(0, num_samples, batch_size)
+    with progress_bar(total=len(batches) * max_new_tokens, desc="sampling calibration text", unit="step") as bar:
+        for batch_index, first in enumerate(batches):
+            rows = [prompt_ids[(first + r) % len(prompt_ids)] for r in range(batch_size)]
+            tokens, lengths = generate(params, config, rows, max_new_tokens, jax.random.fold_in(key, batch_index),
+                                       sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, progress=bar.update)
+            for r in range(min(batch_size, num_samples - first)):
+                samples.append(tokens[r, : lengths[r]].copy())
+            bar.update(bar.total * (batch_index + 1) // len(batches) - bar.n)  # rows that stopped early
     return samples
 
 

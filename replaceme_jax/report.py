@@ -44,12 +44,19 @@ class StageTimer:
     def __call__(self, name: str):
         start = time.perf_counter()
         log.info("stage %s ...", name)
+        outcome = "done"
         try:
             yield
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            raise
+        except BaseException:
+            outcome = "failed"
+            raise
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             self.peak_rss_mb[name] = peak_rss_mb()
-            log.info("stage %s done in %.1f s", name, self.seconds[name])
+            log.info("stage %s %s after %.1f s", name, outcome, self.seconds[name])
 
 
 def write_distances_csv(path: Path, distances: dict[int, float], n: int, chosen: Sequence[tuple[int, int]]) -> None:

@@ -176,7 +176,7 @@ def test_existing_output_is_not_overwritten(tmp_path, capsys):
     make_model(tmp_path / "src", "llama", tokenizer=False)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    assert run_cli("convert", tmp_path / "src", tmp_path / "out") == 1
+    assert run_cli("convert", tmp_path / "src", tmp_path / "out") == 2  # a usage error, as in every command
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
     assert run_cli("convert", tmp_path / "src", tmp_path / "out", "--overwrite") == 0

@@ -23,7 +23,7 @@ def compress_args(tmp_path, out, *extra):
     return ["compress", "--set", f"model_path={tmp_path / 'm'}", "--set", f"dataset={tmp_path / 'd.jsonl'}",
             "--set", "layers_to_skip=2", "--set", "max_length=48", "--set", "batch_size=4",
             "--set", "dataset_size=64", "--set", "num_A=2", "--set", "merge_consecutive=false",
-            "--set", f"save_path={out}", "--set", "checkpoint_every=1", *extra]
+            "--set", f"save_path={out}", "--set", "checkpoint_every=1", "--set", "fallback=none", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     make_model(tmp_path / "m", "llama", num_hidden_layers=6)
     write_corpus(tmp_path / "d.jsonl", rows=64)
     assert main(compress_args(tmp_path, tmp_path / "clean") + ["-q"]) == 0
-    return tmp_path, load_file(str(tmp_path / "clean" / "transforms.safetensors"))
+    return tmp_path, load_file(str(tmp_path / "clean" / "replaceme" / "transforms.safetensors"))
 
 
 def wait_for_checkpoint(state_dir: Path, proc, timeout=120):
@@ -59,7 +59,7 @@ def test_kill_9_and_resume_gives_bitwise_identical_T(setup, delay):
     assert started
     assert not (out / "config.json").exists() or proc.returncode == 0  # no partial model
     assert main(compress_args(tmp_path, out) + ["-q"]) == 0
-    resumed = load_file(str(out / "transforms.safetensors"))
+    resumed = load_file(str(out / "replaceme" / "transforms.safetensors"))
     assert sorted(resumed) == sorted(clean)
     for key in clean:
         np.testing.assert_array_equal(resumed[key], clean[key])
@@ -75,12 +75,14 @@ def test_changed_config_refuses_to_resume_and_restart_discards(setup, capsys):
     from replaceme_jax.config import CompressConfig, to_dict
 
     cfg = CompressConfig(alpha=0.5)
-    RunState(out, to_dict(cfg), {"path": "x"}, every=1)
+    first = RunState(out, to_dict(cfg), {"path": "x"}, every=1)
+    assert not (state / "meta.json").exists()  # nothing is written before the first save
+    first.ensure()
     with pytest.raises(Exception, match="config field 'alpha' differs"):
         RunState(out, to_dict(CompressConfig(alpha=0.0)), {"path": "x"}, every=1)
     with pytest.raises(Exception, match="model"):
         RunState(out, to_dict(cfg), {"path": "y"}, every=1)
-    RunState(out, to_dict(CompressConfig(alpha=0.0)), {"path": "x"}, every=1, restart=True)
+    RunState(out, to_dict(CompressConfig(alpha=0.0)), {"path": "x"}, every=1, restart=True).ensure()
     meta = json.loads((state / "meta.json").read_text())
     assert meta["config"]["alpha"] == 0.0
 
@@ -103,7 +105,7 @@ def test_cosine_run_resumes_after_kill(setup):
     extra = ["--set", "method=cosine", "--set", "num_A=1", "--set", "cosine_epochs=60",
              "--set", "cosine_batch_rows=64"]
     assert main(compress_args(tmp_path, tmp_path / "cos_clean", *extra) + ["-q"]) == 0
-    clean = load_file(str(tmp_path / "cos_clean" / "transforms.safetensors"))
+    clean = load_file(str(tmp_path / "cos_clean" / "replaceme" / "transforms.safetensors"))
     out = tmp_path / "cos_killed"
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "replaceme_jax.cli", *compress_args(tmp_path, out, *extra), "-q"],
@@ -115,6 +117,6 @@ def test_cosine_run_resumes_after_kill(setup):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "config.json").exists()
     assert main(compress_args(tmp_path, out, *extra) + ["-q"]) == 0
-    resumed = load_file(str(out / "transforms.safetensors"))
+    resumed = load_file(str(out / "replaceme" / "transforms.safetensors"))
     for key in clean:
         np.testing.assert_array_equal(resumed[key], clean[key])

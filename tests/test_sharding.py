@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
     make_model(root / "m", "llama", num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2)
     write_corpus(root / "data.jsonl", rows=32)
     base = dict(model_path=str(root / "m"), dataset=str(root / "data.jsonl"), max_length=32, batch_size=8,
-                dataset_size=32, layers_to_skip=2, overwrite=True)
+                dataset_size=32, layers_to_skip=2, overwrite=True, fallback="none")
     single = run_on_devices(dict(base, save_path=str(root / "single")), 1)
     return root, base, single
 

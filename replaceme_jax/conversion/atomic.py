@@ -8,7 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax import interrupt
+from replaceme_jax.errors import OutputExistsError, ReplaceMeError
 
 MARKER_FILES = ("config.json", "replaceme_report.json", "_CHECKPOINT_METADATA", "replaceme_jax.json")
 
@@ -21,15 +22,17 @@ def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False):
     """
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise ReplaceMeError(f"{dst}: output exists and is not empty (pass --overwrite to replace it)")
+        raise OutputExistsError(dst)
     parent = dst.parent if str(dst.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
     except OSError as e:
         raise ReplaceMeError(f"{dst}: cannot create output ({e.strerror or e})") from None
+    interrupt.register_temporary(tmp)
     try:
         yield tmp
+        interrupt.check()  # a stop asked during the last write: do not publish the output
         _apply_umask(tmp)
         if dst.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=parent))
@@ -41,6 +44,8 @@ def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        interrupt.unregister_temporary(tmp)
 
 
 def _apply_umask(root: Path) -> None:

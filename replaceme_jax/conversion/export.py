@@ -14,6 +14,7 @@ from replaceme_jax.conversion.atomic import atomic_output_dir
 from replaceme_jax.conversion.maps import WEIGHT_MAPS
 from replaceme_jax.conversion.model_io import TOKENIZER_FILES, LoadedModel, dtype_name, parse_dtype
 from replaceme_jax.conversion.weight_map import flatten_params, param_to_hf_keys, to_hf_layout
+from replaceme_jax import interrupt
 from replaceme_jax.errors import ReplaceMeError
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def _write_generation_config(model: LoadedModel, out: Path) -> None:
 
 
 def write_hf_weights(model: LoadedModel, out: Path, dtype, max_shard_bytes: int) -> None:
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     rules = WEIGHT_MAPS[model.config.model_type]
@@ -93,6 +95,7 @@ def write_hf_weights(model: LoadedModel, out: Path, dtype, max_shard_bytes: int)
     weight_map = {}
     total = 0
     for name, shard in zip(names, shards):
+        interrupt.check()
         # One shard on host at a time keeps host memory at max_shard_bytes beyond the params.
         tensors = {}
         host_path = host = None
@@ -102,7 +105,10 @@ def write_hf_weights(model: LoadedModel, out: Path, dtype, max_shard_bytes: int)
             tensors[key] = _host_tensor(rule, host if index is None else host[index], dtype)
         del host
         total += sum(t.nbytes for t in tensors.values())
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+        except SafetensorError as e:  # e.g. a full disk: one line, as for any other failed write
+            raise ReplaceMeError(f"{out / name}: cannot write ({e})") from None
         weight_map.update({key: name for key in tensors})
         del tensors
     if len(shards) > 1:

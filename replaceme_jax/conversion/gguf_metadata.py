@@ -180,3 +180,10 @@ def gguf_tokenizer(path: Path):
         raise UnsupportedModelError(f"{path}: {e}") from None
     return _tokenizer_class(entry.model_type)(tokenizer_object=backend, name_or_path=str(path.parent),
                                               **tokenizer_config, **extra)
+
+
+def check_gguf_architecture(path: Path) -> None:
+    """Refuse, before any long work, a GGUF file that cannot be read or whose architecture is not supported."""
+    reader = open_gguf(path)
+    wanted = ("general.architecture", "general.name", "llama.expert_count")
+    _arch_entry(path, {key: reader.fields[key].contents() for key in wanted if key in reader.fields})

@@ -23,6 +23,7 @@ from replaceme_jax.conversion.weight_map import (
     set_path,
     to_params_layout,
 )
+from replaceme_jax import interrupt
 from replaceme_jax.errors import CheckpointError, ReplaceMeError
 from replaceme_jax.models import family_for
 from replaceme_jax.models.common import ParamSpec
@@ -106,7 +107,10 @@ class ParamFiller:
     slice has arrived.
     """
 
-    def __init__(self, config, rules: tuple[WeightRule, ...], dtype, place: PlaceFn, source: str):
+    def __init__(self, config, rules: tuple[WeightRule, ...], dtype, place: PlaceFn, source: str,
+                 check_only: bool = False):
+        # check_only: arrays are zero-stride stand-ins of the right shape; every check runs, nothing is kept
+        self.check_only = check_only
         self.config = config
         self.rules = rules
         self.dtype = dtype
@@ -119,6 +123,7 @@ class ParamFiller:
         self.stacking: dict[str, tuple[np.ndarray, set[int]]] = {}  # path -> (buffer, slices filled)
 
     def add(self, hf_key: str, load: Callable[[], np.ndarray]) -> None:
+        interrupt.check()
         found = match_hf_key(self.rules, hf_key)
         if found is None:
             if hf_key.endswith("rotary_emb.inv_freq"):  # non-persistent buffer some old exports contain
@@ -142,7 +147,8 @@ class ParamFiller:
                                       f"into {len(rule.parts)} along axis {rule.split_axis}")
             chunks = np.split(array, len(rule.parts), axis=rule.split_axis)
         for path, chunk in zip(paths, chunks):
-            chunk = to_params_layout(rule, chunk)
+            chunk = np.swapaxes(chunk, -1, -2) if self.check_only and rule.transform == "transpose" \
+                else to_params_layout(rule, chunk)
             if rule.stacked:
                 self._add_slice(hf_key, path, int(fields["j"]), chunk)
             else:
@@ -156,8 +162,9 @@ class ParamFiller:
             raise CheckpointError(
                 f"{self.source}: tensor {hf_key!r} has shape {tuple(array.shape)}, config implies {spec.shape}"
             )
-        array = array.astype(self.dtype, copy=False)
-        set_path(self.params, path, self.place(path, spec, array))
+        if not self.check_only:
+            array = array.astype(self.dtype, copy=False)
+            set_path(self.params, path, self.place(path, spec, array))
         self.filled.add(path)
 
     def _add_slice(self, hf_key: str, path: str, index: int, array: np.ndarray) -> None:
@@ -167,14 +174,17 @@ class ParamFiller:
                 f"{self.source}: tensor {hf_key!r} (slice {index}, shape {tuple(array.shape)}) does not fit "
                 f"parameter {path} of shape {spec.shape}"
             )
-        buffer, seen = self.stacking.setdefault(path, (np.empty(spec.shape, self.dtype), set()))
+        buffer, seen = self.stacking.setdefault(
+            path, (None if self.check_only else np.empty(spec.shape, self.dtype), set()))
         if index in seen:
             raise CheckpointError(f"{self.source}: tensor {hf_key!r} appears twice")
-        buffer[index] = array
+        if buffer is not None:
+            buffer[index] = array
         seen.add(index)
         if len(seen) == spec.shape[0]:
             del self.stacking[path]
-            set_path(self.params, path, self.place(path, spec, buffer))
+            if buffer is not None:
+                set_path(self.params, path, self.place(path, spec, buffer))
             self.filled.add(path)
 
     def finish(self) -> dict:
@@ -245,6 +255,60 @@ def iter_hf_tensors(directory: Path) -> Iterator[tuple[str, Callable[[], np.ndar
                 return t.numpy()
             yield key, load
         del state
+
+
+def shape_stand_in(shape, dtype=np.float32) -> np.ndarray:
+    """A read-only array of ``shape`` that occupies one element of memory (all strides zero)."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape=tuple(shape), strides=(0,) * len(shape),
+                                           writeable=False)
+
+
+def iter_hf_shapes(directory: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(key, shape) of every tensor, from the safetensors headers alone."""
+    files = _safetensors_files(directory)
+    if not files:
+        if sorted(directory.glob("pytorch_model*.bin")):
+            return  # only torch can read those; checked when loaded
+        raise CheckpointError(f"{directory}: no weights (model.safetensors, model.safetensors.index.json or "
+                              f"pytorch_model*.bin)")
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                for key in f.keys():
+                    yield key, tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+
+
+def check_model_source(src: str | os.PathLike) -> None:
+    """Everything about a checkpoint that can be checked without reading its weights: that it exists,
+    its format, config and architecture, and (for HF directories) that every tensor's name and shape
+    match the weight map. Cheap: run it before any long work."""
+    from replaceme_jax.conversion.assets import BUILTIN_MODELS
+
+    if str(src).lower() in BUILTIN_MODELS and not Path(src).exists():
+        return  # fetched (and checked) when loaded
+    kind = detect_format(src)
+    path = Path(src)
+    if kind == "gguf":
+        from replaceme_jax.conversion.gguf_metadata import check_gguf_architecture
+
+        check_gguf_architecture(path)
+        return
+    if kind == "orbax":
+        return
+    hf_config = read_config_json(path)
+    config = family_for(hf_config.get("model_type")).config_from_hf(hf_config)
+    filler = ParamFiller(config, WEIGHT_MAPS[config.model_type], np.float32, default_place, str(path),
+                         check_only=True)
+    shapes = list(iter_hf_shapes(path))
+    if not shapes:  # pytorch_model*.bin
+        return
+    for key, shape in shapes:
+        filler.add(key, lambda shape=shape: shape_stand_in(shape))
+    filler.finish()
 
 
 def load_hf_directory(directory: str | os.PathLike, dtype: str | None = None,

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from replaceme_jax import interrupt
 from replaceme_jax.experts.stats import ExpertStats, init_stats, update_stats
 from replaceme_jax.models import llama, moe
 from replaceme_jax.models.common import Params
@@ -76,6 +77,7 @@ class LayerwiseCalibration:
         index = _canonical_layer(config, self.layer)
         with_x = want_sample and self.sample_index is not None
         for b, (h, mask) in enumerate(zip(self.hidden, self.masks)):
+            interrupt.check()
             h_next, stats, x = _layer_step(layer, stats, jnp.asarray(h), jnp.asarray(mask), config=config,
                                            layer_index=index, dispatch=self.dispatch, with_x=with_x)
             outputs.append(np.asarray(h_next))

@@ -18,21 +18,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from replaceme_jax.conversion import LoadedModel, export_hf, load_model, load_tokenizer
 from replaceme_jax.conversion.export import check_output_location, exported_bytes
-from replaceme_jax.conversion.model_io import check_finite
+from replaceme_jax.conversion.model_io import check_finite, check_model_source
 from replaceme_jax import __version__
 from replaceme_jax.config import to_dict
-from replaceme_jax.data import calibration_batches
-from replaceme_jax.errors import ReplaceMeError, UsageError
+from replaceme_jax.data import calibration_batches, check_sources
+from replaceme_jax.errors import OutputExistsError, ReplaceMeError, UsageError
 from replaceme_jax.experts.calibrate import LayerwiseCalibration
 from replaceme_jax.experts.config import ExpertsConfig
 from replaceme_jax.experts.merge import ReamOptions, expert_distances, ream_layer, sample_statistics
 from replaceme_jax.experts.prune import apply_layer_params, num_experts_to_keep, prune_mlp, select_experts
 from replaceme_jax.experts.stats import SALIENCY_METHODS, logit_cosine, reconstruction_error, saliency
 from replaceme_jax.models.moe import MoeConfig
+from replaceme_jax.progress import progress_bar
 from replaceme_jax.report import StageTimer, plot_saliency_heatmap, write_json
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def _calibrate_and_compress(cfg: ExpertsConfig, model: LoadedModel, num_keep: in
                                dispatch=cfg.dispatch, sample_tokens=cfg.sample_tokens, seed=cfg.seed)
     mlps, entries = [], []
     num_layers = config.num_hidden_layers
-    with tqdm(total=num_layers, desc=f"{cfg.method} layers", unit="layer", disable=None) as bar:
+    with progress_bar(num_layers, f"{cfg.method} layers", unit="layer") as bar:
         for index, layer in enumerate(model.params["layers"]):
             with timer("statistics"):
                 stats, sample, outputs = run.statistics(layer, want_sample=True)
@@ -139,7 +139,11 @@ def compress_experts(cfg: ExpertsConfig) -> ExpertsResult:
     timer = StageTimer()
     save_path = Path(cfg.save_path)
     if save_path.exists() and any(save_path.iterdir()) and not cfg.overwrite:
-        raise UsageError(f"{save_path}: output exists and is not empty (set overwrite: true or pass --overwrite)")
+        raise OutputExistsError(save_path)
+    check_output_location(save_path, 0)
+    if not cfg.recipe_path:
+        check_sources(cfg.dataset)
+    check_model_source(cfg.model_path)
     with timer("load_model"):
         model = load_model(cfg.model_path, dtype=cfg.dtype)
         check_finite(model.params, cfg.model_path)

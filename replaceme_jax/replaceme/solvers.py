@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import scipy.linalg
 
+from replaceme_jax import interrupt
 from replaceme_jax.errors import NumericalError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,14 @@ class NormalEquations:
     @classmethod
     def zeros(cls, dim: int) -> "NormalEquations":
         return cls(A=np.zeros((dim, dim)), B=np.zeros((dim, dim)))
+
+    def __add__(self, other: "NormalEquations") -> "NormalEquations":
+        """The sums over both sets of rows."""
+        return NormalEquations(self.A + other.A, self.B + other.B, self.target_sq + other.target_sq,
+                               self.end_sq + other.end_sq, self.rows + other.rows)
+
+    def copy(self) -> "NormalEquations":
+        return NormalEquations(self.A.copy(), self.B.copy(), self.target_sq, self.end_sq, self.rows)
 
     def residual_sq(self, T: np.ndarray) -> float:
         """sum ||M T - (h_end - Y)||^2 from the sums alone."""
@@ -189,6 +198,7 @@ def fit_cosine(M: np.ndarray, target: np.ndarray, Y: np.ndarray | None = None, *
         else:
             losses = [float(jax.jit(full_loss)(T))]
         for i in range(first, epochs):
+            interrupt.check()
             key, sub = jax.random.split(key)
             T, state, value = epoch(T, state, sub)
             losses.append(float(value))
