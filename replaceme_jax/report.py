@@ -41,9 +41,11 @@ class StageTimer:
         self.peak_rss_mb: dict[str, float] = {}
 
     @contextlib.contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, quiet: bool = False):
+        """Time a stage; ``quiet`` logs it at DEBUG (for steps repeated many times inside a stage)."""
+        level = logging.DEBUG if quiet else logging.INFO
         start = time.perf_counter()
-        log.info("stage %s ...", name)
+        log.log(level, "stage %s ...", name)
         outcome = "done"
         try:
             yield
@@ -54,9 +56,10 @@ class StageTimer:
             outcome = "failed"
             raise
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
             self.peak_rss_mb[name] = peak_rss_mb()
-            log.info("stage %s %s after %.1f s", name, outcome, self.seconds[name])
+            log.log(level, "stage %s %s after %.1f s", name, outcome, elapsed)
 
 
 def write_distances_csv(path: Path, distances: dict[int, float], n: int, chosen: Sequence[tuple[int, int]]) -> None:

@@ -151,14 +151,14 @@ def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[Norma
     def candidate(i, j) -> float:
         w = weights[i]
         alpha = family.absolute_alpha(alphas[j]) if alphas[j] is not None else _numeric_alpha(cfg, family, w)
-        with timer("solve"):
+        with timer("solve", quiet=True):
             T, info = family.solve(w, alpha)
         record = {"first_token_weight": w, "first_row_lambda": family.first_row_weight(w),
                   "alpha_relative": alphas[j], "alpha": alpha, **info, "T": T}
         if T is not None and heldout is not None:
             record.update(heldout_error_rest=heldout[0].relative_error(T), heldout_error_first=heldout[1].relative_error(T))
         if T is not None and evaluator is not None:
-            with timer("validation"):
+            with timer("validation", quiet=True):
                 record["perplexity"] = evaluator.perplexity(T)
         records[(i, j)] = record
         return record.get("perplexity", 0.0) if T is not None else float("inf")
