@@ -59,6 +59,12 @@ class CompressResult:
     report: dict
     save_path: Path | None
 
+    def module(self):
+        """The pruned model as a ``flax.nnx`` ``CausalLM``."""
+        from replaceme_jax.modeling import CausalLM
+
+        return CausalLM.from_loaded(self.model)
+
 
 @dataclasses.dataclass
 class CalibrationData:
@@ -280,11 +286,17 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
                        validation=validation)
 
 
-def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = False) -> CompressResult:
+def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = False, *,
+             model: LoadedModel | None = None, sequences: list[np.ndarray] | None = None,
+             tokenizer=None) -> CompressResult:
     """Run the whole pipeline for ``cfg``; write ``cfg.save_path`` (unless ``distances_only`` with no path).
 
-    Unless ``checkpoint_every`` is 0, the streaming state is saved under ``save_path/.state`` and a
-    rerun resumes from it (``restart`` discards it).
+    ``model``: a model already in memory (``cfg.model_path`` is then only a label); ``sequences``:
+    calibration token ids already made (``cfg.dataset`` is then ignored); ``tokenizer``: instead of the
+    model's own (with ``sequences`` and no tokenizer at all, padding uses id 0). These serve the Python API
+    (``replaceme_jax.compress``). Unless ``checkpoint_every`` is 0 or the model is in memory, the
+    streaming state is saved under ``save_path/.state`` and a rerun resumes from it (``restart``
+    discards it).
     """
     timer = StageTimer()
     save_path = Path(cfg.save_path) if cfg.save_path else None
@@ -294,15 +306,21 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     # Everything that can fail without the model loaded fails now, in seconds.
     if save_path is not None:
         check_output_location(save_path, 0)
-    check_sources(cfg.dataset)
-    check_model_source(cfg.model_path)
+    if sequences is None:
+        check_sources(cfg.dataset)
+    if model is None:
+        check_model_source(cfg.model_path)
     initialize_distributed(cfg.distributed)
     if not is_main_process():
         logging.getLogger("replaceme_jax").setLevel(logging.WARNING)
     mesh = make_mesh(cfg.mesh)
     check_batch_divides(cfg.batch_size, mesh)
     with timer("load_model"):
-        if mesh.size > 1:
+        if model is not None:
+            if mesh.size > 1:
+                model = dataclasses.replace(model, params=shard_params(
+                    model.params, model.family.param_specs(model.config), mesh))
+        elif mesh.size > 1:
             # tensors go straight into their shards; orbax restores whole, then is sharded
             model = load_model(cfg.model_path, dtype=cfg.dtype, place=place_fn(mesh))
             model.params = shard_params(model.params, model.family.param_specs(model.config), mesh)
@@ -325,12 +343,18 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
             model.params, cfg.save_dtype or model.source_dtype)
         check_output_location(save_path, needed)
     state = None
-    if cfg.checkpoint_every != 0 and save_path is not None and is_main_process():
+    # An in-memory model has no file to fingerprint, so its runs do not resume.
+    if cfg.checkpoint_every != 0 and save_path is not None and is_main_process() and model.source_format != "memory":
         state = RunState(save_path, to_dict(cfg), model_fingerprint(resolve_builtin(cfg.model_path)),
                          cfg.checkpoint_every, restart=restart)
-    tokenizer = load_tokenizer(model)
+    if tokenizer is None and not (sequences is not None and model.tokenizer_source is None):
+        tokenizer = load_tokenizer(model)
     with timer("calibration_data"):
-        sequences, sources = calibration_sequences(cfg, tokenizer, params=model.params, config=model.config)
+        if sequences is None:
+            sequences, sources = calibration_sequences(cfg, tokenizer, params=model.params, config=model.config)
+        else:
+            sources = ({"dataset": "<sequences>", "sequences": len(sequences),
+                        "tokens": int(sum(len(s) for s in sequences))},)
         validate = not distances_only and cfg.validation_fraction > 0
         fit_sequences, heldout_sequences = split_heldout(
             sequences, cfg.validation_fraction if validate else 0.0, cfg.validation_min_sequences, cfg.seed)

@@ -1,0 +1,159 @@
+"""The Python API and the Flax NNX module: what a JAX researcher imports."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import AutoModelForCausalLM
+
+import replaceme_jax as rj
+from replaceme_jax.conversion import load_model
+from replaceme_jax.errors import UsageError
+from tests.helpers import WORDS, make_model, random_batch, torch_logits
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    make_model(root / "m", "llama", num_hidden_layers=6, tie_word_embeddings=False)
+    return root / "m"
+
+
+def texts(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(8, 30)))) for _ in range(n)]
+
+
+def test_from_pretrained_is_an_nnx_module_with_hf_layout_state_and_torch_logits(model_dir):
+    model = rj.from_pretrained(model_dir)
+    assert isinstance(model, nnx.Module) and isinstance(model, rj.CausalLM)
+    state = nnx.state(model, nnx.Param)
+    assert set(state.keys()) == {"embed_tokens", "layers", "norm", "lm_head"}
+    assert len(state["layers"]) == 6
+    assert state["layers"][0]["mlp"]["down_proj"]["kernel"].get_value().shape == (64, 32)
+    assert state["layers"][0]["mlp"]["down_proj"]["kernel"].get_metadata()["out_sharding"] == ("mlp", "embed")
+    ids, mask = random_batch(128, [12, 7], seed=1)
+    with jax.default_matmul_precision("highest"):
+        logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    reference = torch_logits(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), ids, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(logits[valid], reference[valid], atol=1e-4)
+
+
+def test_params_round_trip_and_split_merge(model_dir):
+    model = rj.from_pretrained(model_dir)
+    loaded = load_model(str(model_dir))
+    ours = model.params()
+    assert isinstance(ours["layers"], list)
+    jax.tree.map(np.testing.assert_array_equal, ours, loaded.params)
+    graph, state = nnx.split(model)
+    again = nnx.merge(graph, state)
+    ids = jnp.asarray([[5, 6, 7, 8]])
+    np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))
+
+
+def test_nnx_jit_and_an_in_place_update_change_the_output(model_dir):
+    model = rj.from_pretrained(model_dir)
+    ids = jnp.asarray([[5, 6, 7, 8]])
+    before = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
+    model.norm["scale"].set_value(model.norm["scale"].get_value() * 0)
+    after = np.asarray(model(ids))
+    assert not np.allclose(before, after)
+
+
+def test_save_pretrained_writes_what_transformers_loads(model_dir, tmp_path):
+    model = rj.from_pretrained(model_dir)
+    rj.save_pretrained(model, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for (name, a), (_, b) in zip(original.state_dict().items(), reloaded.state_dict().items()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_partition_specs_follow_the_logical_axis_rules(model_dir):
+    model = rj.from_pretrained(model_dir)
+    specs = model.partition_specs()
+    mlp = specs["layers"][0]["mlp"]
+    assert tuple(mlp["gate_proj"]["kernel"].get_value()) == ("fsdp", "tensor")
+    custom = model.partition_specs({"embed": None, "mlp": "model", "vocab": None, "q_heads": None,
+                                    "kv_heads": None, "head_dim": None})
+    assert tuple(custom["layers"][0]["mlp"]["down_proj"]["kernel"].get_value()) == ("model", None)
+
+
+def test_shard_places_parameters_on_an_8_device_mesh(model_dir):
+    script = f"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+import replaceme_jax as rj
+model = rj.from_pretrained({str(model_dir)!r})
+ids = jnp.asarray([[5, 6, 7, 8, 9]])
+with jax.default_matmul_precision("highest"):
+    before = np.asarray(model(ids))
+mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+model.shard(mesh)
+kernel = model.layers[0]["mlp"]["gate_proj"]["kernel"].get_value()
+print(kernel.sharding.spec, len(kernel.addressable_shards))
+with jax.default_matmul_precision("highest"):
+    after = np.asarray(model(ids))
+print(float(np.abs(after - before).max()))
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    spec_line, diff = out.stdout.strip().splitlines()[-2:]
+    assert spec_line == "P('fsdp', 'tensor') 8"
+    assert float(diff) < 1e-4
+
+
+def test_compress_on_texts_in_memory_writes_nothing_and_returns_a_module(model_dir, tmp_path):
+    model = rj.from_pretrained(model_dir)
+    result = rj.compress(model, texts(), layers_to_skip=2, max_length=48, batch_size=8)
+    pruned = result.module()
+    assert isinstance(pruned, rj.CausalLM) and pruned.config.num_hidden_layers == 4
+    assert result.save_path is None and not list(tmp_path.iterdir())
+    assert result.report["calibration_sources"][0]["dataset"] == "<sequences>"
+    assert pruned(jnp.asarray([[5, 6, 7]])).shape == (1, 3, 128)
+
+
+def test_compress_on_token_ids_equals_compress_on_the_same_texts(model_dir):
+    from replaceme_jax.conversion import load_tokenizer
+    from replaceme_jax.data import tokenize_texts
+
+    loaded = load_model(str(model_dir))
+    ids = tokenize_texts(load_tokenizer(loaded), texts(), 48)
+    by_text = rj.compress(model_dir, texts(), layers_to_skip=2, max_length=48, batch_size=8)
+    by_ids = rj.compress(loaded, [s.tolist() for s in ids], layers_to_skip=2, max_length=48, batch_size=8)
+    assert by_text.report["blocks"] == by_ids.report["blocks"]
+    a, b = by_text.blocks[0].T, by_ids.blocks[0].T
+    assert (a is None) == (b is None)
+    if a is not None:
+        np.testing.assert_array_equal(a, b)
+
+
+def test_distances_and_a_file_dataset(model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts()))
+    d = rj.distances(str(model_dir), str(data), layers_to_skip=2, max_length=48, dataset_size=40)
+    assert sorted(d) == [1, 2, 3, 4] and all(0 <= v <= 1 for v in d.values())
+
+
+def test_bad_options_are_usage_errors(model_dir):
+    with pytest.raises(UsageError, match="did you mean 'layers_to_skip'"):
+        rj.compress(model_dir, texts(), layer_to_skip=2)
+    with pytest.raises(UsageError, match="empty"):
+        rj.compress(model_dir, [], layers_to_skip=2)
+
+
+def test_import_is_light():
+    code = "import sys, replaceme_jax; print('jax' in sys.modules, 'flax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"]
