@@ -78,6 +78,13 @@ class CompressConfig:
     cosine_epochs: int = 10
     cosine_batch_rows: int = 1024
     cosine_init: Literal["identity", "lstsq"] = "identity"
+    # refine: kl moves T by a few Adam steps towards the original model's next-token distribution
+    # (KL through the layers after the block); kept only if held-out perplexity improves
+    refine: Literal["none", "kl"] = "none"
+    refine_steps: int = 100
+    refine_lr: float = 1e-4
+    refine_tokens: int = 16384  # calibration tokens the refinement cycles over
+    refine_top_k: int = 64  # teacher tokens kept per position (the rest is one bucket)
     mesh: dict | None = None  # e.g. {data: 4, fsdp: 1, tensor: 2}; default: every device on data
     distributed: dict | None = None  # {coordinator_address, num_processes, process_id} or {auto: true}
     overwrite: bool = False
@@ -86,7 +93,7 @@ class CompressConfig:
 
     def validate(self) -> "CompressConfig":
         positive = ("dataset_size", "batch_size", "max_length", "layers_to_skip", "num_A", "cosine_epochs",
-                    "cosine_batch_rows", "cosine_max_tokens")
+                    "cosine_batch_rows", "cosine_max_tokens", "refine_steps", "refine_tokens", "refine_top_k")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"config key {name!r} must be >= 1 (got {getattr(self, name)})")

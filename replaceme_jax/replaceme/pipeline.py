@@ -23,6 +23,7 @@ from replaceme_jax.capture import CaptureSpec, RowPolicy, collect_rows, run_capt
 from replaceme_jax.config import CompressConfig, to_dict
 from replaceme_jax.errors import OutputExistsError, ReplaceMeError, UsageError
 from replaceme_jax.replaceme.merge import replace_block
+from replaceme_jax.replaceme.refine import refine_kl
 from replaceme_jax.replaceme.selection import candidate_starts, select_blocks
 from replaceme_jax.replaceme.solvers import (NormalEquations, cosine_state, fit_cosine,
                                              lstsq_from_normal_equations)
@@ -264,6 +265,9 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
                 solver["perplexity"] = evaluator.perplexity(T)
             tried = [{k: v for k, v in solver.items() if k != "losses"}] + tried
         chosen = solver
+    if cfg.refine == "kl":
+        T, chosen = _refine(cfg, model, current if cfg.sequential else model,
+                            block_now if cfg.sequential else block, T, chosen, solver, data, evaluator, timer)
     if validation is not None:
         validation["candidates"] = [{k: v for k, v in r.items() if k != "T"} for r in tried]
         validation["perplexity_with_T"] = chosen["perplexity"]
@@ -284,6 +288,39 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
     return BlockResult(start=start, end=end, T=T, relative_error_with_T=fit.relative_error(T) if T is not None else None,
                        relative_error_without_T=fit.relative_error(None), fit_rows=fit.rows, solver=solver,
                        validation=validation)
+
+
+def _refine(cfg: CompressConfig, original: LoadedModel, source: LoadedModel, block: tuple[int, int], T, chosen: dict,
+            solver: dict, data: CalibrationData, evaluator: HeldoutEvaluator | None, timer: StageTimer):
+    """``refine: kl`` from the chosen T; the refined T replaces it only if held-out perplexity drops."""
+    budget, batches = 0, []
+    for batch in data.batches:
+        if batches and budget >= cfg.refine_tokens:
+            break
+        batches.append(batch)
+        budget += int(np.asarray(batch.attention_mask).sum())
+    with timer("refine"):
+        result = refine_kl(original.params, original.config, source.params, source.config, *block, T, batches,
+                           steps=cfg.refine_steps, lr=cfg.refine_lr, top_k=cfg.refine_top_k)
+    record = {"method": "kl", "steps": result.steps, "lr": cfg.refine_lr, "tokens": result.tokens,
+              "top_k": cfg.refine_top_k, "seconds": round(result.seconds, 2), "kl_first": result.losses[0],
+              "kl_last": result.losses[-1]}
+    kept = True
+    if evaluator is not None:
+        with timer("validation"):
+            after = evaluator.perplexity(result.T)
+        before = chosen.get("perplexity", float("inf"))
+        record.update(perplexity_before=before, perplexity_after=after)
+        kept = after < before
+    record["kept"] = kept
+    solver["refine"] = record
+    log.info("block (%d, %d) refine kl: %d steps in %.1f s, KL %.4f -> %.4f%s", *block, result.steps, result.seconds,
+             result.losses[0], result.losses[-1],
+             f", held-out perplexity {record['perplexity_before']:.3f} -> {record['perplexity_after']:.3f}"
+             f" ({'kept' if kept else 'not kept'})" if evaluator is not None else "")
+    if not kept:
+        return T, chosen
+    return result.T, {**chosen, "perplexity": record.get("perplexity_after", chosen.get("perplexity"))}
 
 
 def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = False, *,

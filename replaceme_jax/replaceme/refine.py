@@ -1,0 +1,126 @@
+"""``refine: kl``: a few optax steps on T alone, minimising KL(original || pruned) on calibration tokens.
+
+The lstsq/cosine fits match the hidden state right after the block; what the user sees is the
+next-token distribution at the end of the network. This refinement keeps every weight of the model
+fixed and moves only T, through the layers after the block and the head, towards the original
+model's distribution.
+
+Cost is kept low three ways:
+- the layers before the block do not depend on T: their outputs (Y and M of layer ``start - 1``) are
+  computed once per batch and cached, as in validation;
+- the teacher (the original model) is run once per batch, and only its top-``k`` log-probabilities
+  are kept; the KL is that of the distributions coarsened to those ``k`` tokens plus one bucket for
+  the rest (a lower bound of the full KL, exact when the teacher's mass sits in its top ``k``);
+- the student's logits exist for one batch at a time.
+
+The refined T is kept only if it lowers the held-out perplexity (the caller checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from replaceme_jax import interrupt
+from replaceme_jax.models import family_for, llama
+from replaceme_jax.progress import progress_bar
+from replaceme_jax.replaceme.merge import replace_block
+from replaceme_jax.replaceme.validation import _prefix
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RefineResult:
+    T: np.ndarray
+    losses: list[float]  # mean KL per step
+    steps: int
+    seconds: float
+    tokens: int
+
+
+@functools.partial(jax.jit, static_argnames=("config", "k"))
+def _teacher_top_k(params, input_ids, attention_mask, *, config, k):
+    family = family_for(config.model_type)
+    logits = family.forward(params, config, input_ids, attention_mask).logits.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jax.lax.top_k(logp, k)
+
+
+def _coarse_log_probs(logp_top: jax.Array) -> jax.Array:
+    """``[..., k]`` log-probabilities -> ``[..., k + 1]`` with the remaining mass as the last entry."""
+    rest = jnp.log(jnp.clip(-jnp.expm1(jax.nn.logsumexp(logp_top, axis=-1)), 1e-30, None))
+    return jnp.concatenate([logp_top, rest[..., None]], axis=-1)
+
+
+def _student_logits(params, T, y, m, attention_mask, *, config, start):
+    family = family_for(config.model_type)
+    ctx = family.attention_context(config, attention_mask.shape, attention_mask)
+    h = (y.astype(jnp.float32) + jnp.einsum("bsd,de->bse", m.astype(jnp.float32), T)).astype(y.dtype)
+    for index in range(start, config.num_hidden_layers):
+        h, _, _ = family.decoder_layer(params["layers"][index], config, index, h, ctx)
+    return llama.lm_head(params, config, llama.final_norm(params, config, h)).astype(jnp.float32)
+
+
+def kl_loss(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_mask, *, config, start):
+    """Mean over real tokens of KL(teacher || student), both coarsened to the teacher's top k + rest."""
+    logits = _student_logits(params, T, y, m, attention_mask, config=config, start=start)
+    student = jax.nn.log_softmax(logits, axis=-1)
+    student_top = jnp.take_along_axis(student, teacher_index, axis=-1)
+    p = _coarse_log_probs(teacher_logp)
+    q = _coarse_log_probs(student_top)
+    kl = jnp.sum(jnp.exp(p) * (p - q), axis=-1)
+    return jnp.sum(jnp.where(token_mask, kl, 0.0)) / jnp.maximum(jnp.sum(token_mask), 1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "start", "optimizer"), donate_argnames=("T", "opt_state"))
+def _step(params, T, opt_state, y, m, attention_mask, teacher_logp, teacher_index, token_mask, *, config, start,
+          optimizer):
+    loss, grad = jax.value_and_grad(kl_loss, argnums=1)(params, T, y, m, attention_mask, teacher_logp,
+                                                         teacher_index, token_mask, config=config, start=start)
+    updates, opt_state = optimizer.update(grad, opt_state, T)
+    return optax.apply_updates(T, updates), opt_state, loss
+
+
+def refine_kl(original_params, original_config, params, config, start: int, end: int, T0: np.ndarray | None,
+              batches, *, steps: int, lr: float, top_k: int = 64, progress: bool = True) -> RefineResult:
+    """Refine ``T0`` (None: the identity) for block ``(start, end)`` of ``params``/``config`` (the
+    model as it is before this block is removed; earlier blocks may be replaced already) against
+    ``original_params``/``original_config`` on ``batches``. ``steps`` Adam steps of rate ``lr``,
+    cycling over the batches."""
+    began = time.perf_counter()
+    pruned_params, pruned_config = replace_block(params, config, start, end, None)
+    cached, tokens = [], 0
+    for batch in batches:
+        interrupt.check()
+        ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
+        y, m = _prefix(params, ids, mask, config=config, start=start)
+        top_logp, top_index = _teacher_top_k(original_params, ids, mask, config=original_config, k=top_k)
+        token_mask = np.asarray(batch.attention_mask) > 0
+        cached.append((y, m, mask, top_logp, top_index, jnp.asarray(token_mask)))
+        tokens += int(token_mask.sum())
+    dim = config.hidden_size
+    T = jnp.asarray(np.eye(dim) if T0 is None else T0, jnp.float32)
+    optimizer = optax.adam(lr)
+    opt_state = optimizer.init(T)
+    losses = []
+    with progress_bar(steps, "refine T (KL)", unit="step", enabled=progress) as bar:
+        for step in range(steps):
+            interrupt.check()
+            y, m, mask, top_logp, top_index, token_mask = cached[step % len(cached)]
+            T, opt_state, loss = _step(pruned_params, T, opt_state, y, m, mask, top_logp, top_index, token_mask,
+                                       config=pruned_config, start=start, optimizer=optimizer)
+            losses.append(float(loss))
+            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+            bar.update(1)
+    T = np.asarray(T, np.float64)
+    if not np.all(np.isfinite(T)):
+        raise FloatingPointError("refined T is not finite")
+    return RefineResult(T=T, losses=losses, steps=steps, seconds=time.perf_counter() - began, tokens=tokens)

@@ -1,0 +1,87 @@
+"""refine: kl: the coarsened KL, its minimum, and the refinement inside compress."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from replaceme_jax.conversion import load_model
+from replaceme_jax.data import make_batches
+from replaceme_jax.replaceme.merge import replace_block
+from replaceme_jax.replaceme.pipeline import compress
+from replaceme_jax.replaceme.refine import _coarse_log_probs, _teacher_top_k, kl_loss, refine_kl
+from replaceme_jax.replaceme.validation import _prefix
+from tests.helpers import make_model
+from tests.test_replaceme import run_config, zero_layers
+
+
+@pytest.fixture(scope="module")
+def identity_block_model(tmp_path_factory):
+    """Layers 2 and 3 add nothing: dropping them with T = I is exact."""
+    root = tmp_path_factory.mktemp("refine")
+    make_model(root / "m", "llama", num_hidden_layers=6)
+    zero_layers(root / "m", [2, 3])
+    return load_model(str(root / "m"))
+
+
+def batches(vocab=128, n=8, length=24, seed=0):
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(4, vocab, size=int(rng.integers(8, length))).astype(np.int32) for _ in range(n)]
+    return make_batches(seqs, 4, length, 0)
+
+
+def test_coarse_kl_is_a_lower_bound_and_exact_with_every_token():
+    rng = np.random.default_rng(0)
+    p = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(5, 40)) * 3))
+    q = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(5, 40)) * 3))
+    full = jnp.sum(jnp.exp(p) * (p - q), axis=-1)
+    for k in (4, 16, 39):
+        top, index = jax.lax.top_k(p, k)
+        cp, cq = _coarse_log_probs(top), _coarse_log_probs(jnp.take_along_axis(q, index, axis=-1))
+        coarse = jnp.sum(jnp.exp(cp) * (cp - cq), axis=-1)
+        assert np.all(np.asarray(coarse) <= np.asarray(full) + 1e-6)
+    top, index = jax.lax.top_k(p, 40)
+    cp, cq = _coarse_log_probs(top), _coarse_log_probs(jnp.take_along_axis(q, index, axis=-1))
+    np.testing.assert_allclose(np.asarray(jnp.sum(jnp.exp(cp) * (cp - cq), axis=-1)), np.asarray(full), atol=1e-4)
+
+
+def _loss(model, T, batch, start=2, end=4, k=32):
+    params, config = model.params, model.config
+    pruned, pruned_config = replace_block(params, config, start, end, None)
+    ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
+    y, m = _prefix(params, ids, mask, config=config, start=start)
+    top, index = _teacher_top_k(params, ids, mask, config=config, k=k)
+    return float(kl_loss(pruned, jnp.asarray(T, jnp.float32), y, m, mask, top, index, mask > 0,
+                         config=pruned_config, start=start))
+
+
+def test_kl_is_zero_where_T_reproduces_the_original(identity_block_model):
+    batch = next(iter(batches()))
+    with jax.default_matmul_precision("highest"):
+        assert _loss(identity_block_model, np.eye(32), batch) == pytest.approx(0.0, abs=1e-6)
+        assert _loss(identity_block_model, 0.3 * np.eye(32), batch) > 1e-3
+
+
+def test_refinement_moves_a_spoilt_T_back_towards_the_original(identity_block_model):
+    model = identity_block_model
+    spoilt = 0.5 * np.eye(32)
+    with jax.default_matmul_precision("highest"):
+        result = refine_kl(model.params, model.config, model.params, model.config, 2, 4, spoilt, batches(),
+                           steps=60, lr=1e-2, top_k=32, progress=False)
+        before = np.mean([_loss(model, spoilt, b) for b in batches(seed=1)])
+        after = np.mean([_loss(model, result.T, b) for b in batches(seed=1)])  # unseen batches
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert after < 0.5 * before
+    assert np.linalg.norm(result.T - np.eye(32)) < np.linalg.norm(spoilt - np.eye(32))
+
+
+def test_compress_with_refine_records_it_and_keeps_T_only_if_heldout_improves(tmp_path):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=6)
+    result = compress(run_config(tmp_path, tmp_path / "m", refine="kl", refine_steps=5, refine_lr=1e-3,
+                                 fallback="none"))
+    block = result.report["block_results"][0]
+    record = block["solver"]["refine"]
+    assert record["steps"] == 5 and record["tokens"] > 0 and np.isfinite(record["kl_last"])
+    assert record["kept"] == (record["perplexity_after"] < record["perplexity_before"])
+    final = block["validation"]["perplexity_with_T"]
+    assert final == pytest.approx(min(record["perplexity_after"], record["perplexity_before"]))
