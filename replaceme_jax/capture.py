@@ -18,7 +18,7 @@ import numpy as np
 
 from replaceme_jax import interrupt
 from replaceme_jax.errors import NumericalError
-from replaceme_jax.models import llama
+from replaceme_jax.models import family_for
 from replaceme_jax.replaceme.solvers import NormalEquations
 from replaceme_jax.sharding import gather_to_host
 
@@ -68,11 +68,12 @@ def angular_distance(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _run_layers(params, config, input_ids, attention_mask, num_layers):
-    ctx = llama.attention_context(config, input_ids.shape, attention_mask)
-    h = llama.embed(params, input_ids)
+    family = family_for(config.model_type)
+    ctx = family.attention_context(config, input_ids.shape, attention_mask)
+    h = family.embed(params, input_ids)
     hidden, ys, ms = [h], [], []
     for index in range(num_layers):
-        h, y, m = llama.decoder_layer(params["layers"][index], config, index, h, ctx)
+        h, y, m = family.decoder_layer(params["layers"][index], config, index, h, ctx)
         hidden.append(h)
         ys.append(y)
         ms.append(m)
@@ -111,7 +112,7 @@ def capture_step(params, config, spec: CaptureSpec, input_ids, attention_mask):
             end = s + spec.distance_n
             h_end = hidden[end]
             if spec.reference_distance_state and end == config.num_hidden_layers:
-                h_end = llama.final_norm(params, config, h_end)
+                h_end = family_for(config.model_type).final_norm(params, config, h_end)
             dists.append(jnp.sum(angular_distance(hidden[s][rows, last], h_end[rows, last]) * real))
             # what dropping the block costs every real token: ||h_start - h_end||^2 against ||h_end||^2
             h_start, h_end = hidden[s].astype(jnp.float32), hidden[end].astype(jnp.float32)

@@ -1,6 +1,6 @@
 """Calibration text sampled from the model itself, so compression runs with no data set at all.
 
-Generation is one jitted function per batch over the params pytree of ``models/llama.py``: a prefill
+Generation is one jitted function per batch over the params pytree of any family in ``models/``: a prefill
 of the prompt prefix every row shares fills a preallocated KV cache (one ``[B, kv_heads, T, head_dim]``
 pair per layer), then a ``lax.while_loop`` feeds one token per step until every row has emitted EOS or
 reached its length. Rows have no padding inside them (all start at position 0), so the attention mask
@@ -23,8 +23,8 @@ from replaceme_jax import interrupt
 from replaceme_jax.data import pad_token_id
 from replaceme_jax.errors import ReplaceMeError, UnsupportedModelError
 from replaceme_jax.progress import progress_bar
-from replaceme_jax.models import llama, moe
-from replaceme_jax.models.common import Params, apply_rotary, rms_norm, rotary_cos_sin
+from replaceme_jax.models import FAMILIES, family_for, llama, moe
+from replaceme_jax.models.common import Params, apply_rotary, rotary_cos_sin
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,11 @@ def init_cache(c: llama.LlamaConfig, batch: int, length: int, dtype) -> KVCache:
 
 
 def _cached_attention(p: dict, c: llama.LlamaConfig, x: jax.Array, start: jax.Array, cos, sin,
-                      k_cache: jax.Array, v_cache: jax.Array, window: int | None):
-    """``llama._attention`` for tokens at positions ``start..start+S-1`` against the cache (written first)."""
+                      k_cache: jax.Array, v_cache: jax.Array, window: int | None, project):
+    """``llama._attention`` for tokens at positions ``start..start+S-1`` against the cache (written first);
+    ``project`` is the family's q/k/v projection."""
     b, s, _ = x.shape
     hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    project = moe.project_qkv(c) if isinstance(c, moe.MoeConfig) else llama.project_qkv
     q, k, v = project(p, c, x)
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
@@ -69,7 +69,8 @@ def _cached_attention(p: dict, c: llama.LlamaConfig, x: jax.Array, start: jax.Ar
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, start, 0))
 
     q = q.reshape(b, s, hkv, hq // hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, kv_heads, groups, S, hd]
-    scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, k_cache, preferred_element_type=jnp.float32) * (hd**-0.5)
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, k_cache, preferred_element_type=jnp.float32) * c.attention_scale
+    scores = llama.softcap(scores, c.attention_softcap)
     qpos = (start + jnp.arange(s, dtype=jnp.int32))[:, None]
     kpos = jnp.arange(k_cache.shape[2], dtype=jnp.int32)[None, :]
     allowed = kpos <= qpos  # also hides the cache slots not written yet
@@ -81,33 +82,34 @@ def _cached_attention(p: dict, c: llama.LlamaConfig, x: jax.Array, start: jax.Ar
     return llama._dense(p["o_proj"], out), k_cache, v_cache
 
 
-def _mlp_branch(p: dict, c: llama.LlamaConfig, x: jax.Array) -> jax.Array:
-    if isinstance(c, moe.MoeConfig):
-        return moe.moe_block(p, c, x)[0]
-    return llama._mlp(p, x)
-
-
 def forward_cached(params: Params, c: llama.LlamaConfig, tokens: jax.Array, start: jax.Array, cache: KVCache,
                    *, compute_logits: bool = True) -> tuple[jax.Array | None, KVCache]:
     """Run ``tokens`` [B, S] at positions ``start..start+S-1`` (same for every row), updating the cache.
 
-    Returns the logits of the last position [B, V] in float32 (None without ``compute_logits``).
+    Each layer is the family's own (``layer_around_attention``) around the cached attention. Returns the
+    logits of the last position [B, V] in float32 (None without ``compute_logits``).
     """
+    family = family_for(c.model_type)
+    project = family.qkv_projection(c)
     b, s = tokens.shape
     positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
-    cos, sin = rotary_cos_sin(positions, c.inv_freq)
-    h = llama.embed(params, tokens)
+    tables: dict[bytes, tuple] = {}  # rope tables by frequencies (Gemma 3: one per layer kind)
+    h = family.embed(params, tokens)
     new_cache = []
     for index, (layer, (k_cache, v_cache)) in enumerate(zip(params["layers"], cache)):
-        attn, k_cache, v_cache = _cached_attention(
-            layer["self_attn"], c, rms_norm(h, layer["input_layernorm"]["scale"], c.rms_norm_eps), start, cos, sin,
-            k_cache, v_cache, c.window_of_layer(index))
-        y = h + attn
-        h = y + _mlp_branch(layer["mlp"], c, rms_norm(y, layer["post_attention_layernorm"]["scale"], c.rms_norm_eps))
-        new_cache.append((k_cache, v_cache))
+        inv_freq = c.inv_freq_of_layer(index)
+        cos, sin = tables.setdefault(inv_freq.tobytes(), rotary_cos_sin(positions, inv_freq))
+
+        def attend(p, x, k_cache=k_cache, v_cache=v_cache, cos=cos, sin=sin, index=index):
+            out, k_new, v_new = _cached_attention(p, c, x, start, cos, sin, k_cache, v_cache, c.window_of_layer(index),
+                                                  project)
+            return out, (k_new, v_new)
+
+        h, _, _, aux = family.layer_around_attention(layer, c, index, h, attend)
+        new_cache.append(aux[0] if isinstance(c, moe.MoeConfig) else aux)
     if not compute_logits:
         return None, new_cache
-    logits = llama.lm_head(params, c, llama.final_norm(params, c, h[:, -1:]))[:, 0]
+    logits = family.lm_head(params, c, family.final_norm(params, c, h[:, -1:]))[:, 0]
     return logits.astype(jnp.float32), new_cache
 
 
@@ -235,7 +237,7 @@ def generate(
     ``tokens[i, :lengths[i]]`` (prompt, new tokens, and the EOS if one was drawn), then ``pad_id``.
     Deterministic for a given ``key``: step ``t`` draws with ``fold_in(key, t)``.
     """
-    if c.model_type not in llama.MODEL_TYPES + moe.MODEL_TYPES:
+    if c.model_type not in FAMILIES:
         raise UnsupportedModelError(f"generation does not support model_type {c.model_type!r}")
     if max_new_tokens < 1:
         raise ReplaceMeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -30,13 +30,31 @@ FAMILY_CONFIGS = {
     "qwen3_sliding_layers": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=4, head_dim=8,
                                            use_sliding_window=True, sliding_window=4, max_window_layers=1)),
 }
+# Gemma 2 / Gemma 3: small soft-caps and an odd query_pre_attn_scalar so that every Gemma-specific op
+# changes the logits visibly; sliding windows of 4 tokens; Gemma 3 with a linearly scaled global rope.
+GEMMA_CONFIGS = {
+    "gemma2_softcap": ("gemma2", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                      query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+                                      final_logit_softcapping=3.0)),
+    "gemma2_untied_mha": ("gemma2", dict(num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                         sliding_window=5, tie_word_embeddings=False)),
+    "gemma3_text": ("gemma3_text", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=4,
+                                        query_pre_attn_scalar=8, layer_types=[
+                                            "sliding_attention", "full_attention", "sliding_attention"],
+                                        rope_parameters={
+                                            "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                               "rope_theta": 1_000_000.0},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+}
+FAMILY_CONFIGS.update(GEMMA_CONFIGS)
 
 
 def hf_config(model_type: str, **overrides):
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[model_type]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}[model_type]
     base = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1,
                 eos_token_id=2, pad_token_id=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from replaceme_jax.conversion import load_model
-from replaceme_jax.models import llama
+from replaceme_jax.models import family_for, llama
 from tests.helpers import FAMILY_CONFIGS, make_model, random_batch, torch_logits
 
 # float32 on both sides; the two frameworks sum in different orders, so logits of magnitude ~1-10
@@ -16,7 +16,7 @@ ATOL = 1e-4
 
 def jax_logits(model, ids, mask):
     with jax.default_matmul_precision("highest"):
-        return np.asarray(llama.forward(model.params, model.config, ids, mask).logits)
+        return np.asarray(family_for(model.config.model_type).forward(model.params, model.config, ids, mask).logits)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))

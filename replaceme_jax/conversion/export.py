@@ -16,6 +16,7 @@ from replaceme_jax.conversion.model_io import TOKENIZER_FILES, LoadedModel, dtyp
 from replaceme_jax.conversion.weight_map import flatten_params, param_to_hf_keys, to_hf_layout
 from replaceme_jax import interrupt
 from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.models.common import DROP_FIELD
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,11 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 def export_config(model: LoadedModel, dtype: str) -> dict:
     """The source config.json with sizes and every per-layer field made consistent with the params."""
     cfg = dict(model.hf_config)
-    cfg.update(model.family.config_to_hf_updates(model.config))
+    for key, value in model.family.config_to_hf_updates(model.config).items():
+        if value is DROP_FIELD:  # a field the kept layers no longer follow (e.g. a sliding-window pattern)
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
     cfg["dtype"] = dtype
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = dtype
@@ -34,7 +39,8 @@ def export_config(model: LoadedModel, dtype: str) -> dict:
         cfg["architectures"] = [
             {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
              "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-             "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}[model.config.model_type]
+             "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "gemma2": "Gemma2ForCausalLM",
+             "gemma3_text": "Gemma3ForCausalLM"}[model.config.model_type]
         ]
     return cfg
 

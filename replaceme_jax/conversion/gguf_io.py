@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) files: dequantise with the `gguf` package, undo llama.cpp's Q/K permutation.
+"""GGUF (llama.cpp) files: dequantise with the `gguf` package, undo llama.cpp's Q/K permutation and
+Gemma's ``1 + w`` norm weights.
 
 The config and tokenizer are rebuilt from the GGUF metadata (`gguf_metadata`, no torch), so that an
 export of a GGUF input is a complete HF directory.
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # Architectures whose Q/K rows llama.cpp's converter permuted for its interleaved rope.
 _PERMUTED_QK_ARCHS = ("llama", "mistral")
+# Architectures whose RMSNorm weights llama.cpp stores as 1 + w (HF keeps w; the model computes 1 + w).
+_OFFSET_NORM_ARCHS = ("gemma2", "gemma3")
 
 
 def undo_qk_permutation(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -67,6 +70,8 @@ def load_gguf(src, dtype: str | None = None, place: PlaceFn = default_place) -> 
                 w = undo_qk_permutation(w, config.num_attention_heads)
             elif arch in _PERMUTED_QK_ARCHS and hf_key.endswith(("k_proj.weight", "k_proj.bias")):
                 w = undo_qk_permutation(w, config.num_key_value_heads)
+            elif arch in _OFFSET_NORM_ARCHS and hf_key.endswith("norm.weight"):
+                w = w - np.float32(1.0)
             return w
 
         filler.add(hf_key, load)

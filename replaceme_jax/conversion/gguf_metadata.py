@@ -8,6 +8,10 @@ transformers is wrong for the file:
   `shared_expert_intermediate_size` at the class defaults), and a llama file with experts is Mixtral
   (transformers reads it as a dense Llama);
 - qwen3's `attention.key_length` is its `head_dim` (transformers keeps Qwen3Config's default, 128);
+- Gemma 2's soft-caps come from the file (transformers keeps the class defaults); Gemma 2 / 3 get
+  llama.cpp's attention scale as ``query_pre_attn_scalar`` (the head size, but hidden / heads for the
+  27B models, which llama.cpp recognises by their layer count; transformers keeps 256) and Gemma 3's
+  linear rope scaling of the global layers (transformers drops it);
 - only the GGUF is read: transformers would also take a tokenizer.json or tokenizer_config.json
   lying in the same folder.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from replaceme_jax.errors import CheckpointError, ReplaceMeError, UnsupportedModelError
 
@@ -29,6 +33,9 @@ class GgufArch:
     keys: Mapping[str, str]  # "<arch>.KEY" -> HF config key; a later key wins over an earlier one
     # what llama.cpp hard-codes for the architecture, so the file does not say it
     fixed: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    # fields llama.cpp derives from others: (architecture, metadata, fields so far) -> more fields
+    derived: Callable[[str, dict, dict], dict] | None = None
+    architecture: str | None = None  # the HF class; default: the config class's name with ForCausalLM
 
 
 _DENSE = {
@@ -51,6 +58,23 @@ _EXPERTS = {
     "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
 }
 
+_GEMMA = _DENSE | {"attention.key_length": "head_dim", "attention.sliding_window": "sliding_window"}
+# llama.cpp's 27B Gemma models (by block count) scale scores by hidden / heads instead of the head size.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_derived(arch: str, metadata: dict, fields: dict) -> dict:
+    out = {}
+    if "head_dim" in fields:
+        scalar = fields["head_dim"]
+        if fields.get("num_hidden_layers") == _GEMMA_27B_LAYERS[arch]:
+            scalar = fields["hidden_size"] // fields["num_attention_heads"]
+        out["query_pre_attn_scalar"] = scalar
+    if metadata.get(f"{arch}.rope.scaling.type") == "linear" and metadata.get(f"{arch}.rope.scaling.factor"):
+        out["rope_scaling"] = {"rope_type": "linear", "factor": float(metadata[f"{arch}.rope.scaling.factor"])}
+    return out
+
+
 # Keyed by general.architecture. norm_topk_prob: whether llama.cpp renormalises the top-k gates.
 GGUF_ARCHS = {
     "llama": GgufArch("llama", _LLAMA),
@@ -59,6 +83,10 @@ GGUF_ARCHS = {
     "qwen2moe": GgufArch("qwen2_moe", _DENSE | _EXPERTS, {"norm_topk_prob": False}),
     "qwen3moe": GgufArch("qwen3_moe", _DENSE | {"attention.key_length": "head_dim"} | _EXPERTS,
                          {"norm_topk_prob": True}),
+    "gemma2": GgufArch("gemma2", _GEMMA | {"attn_logit_softcapping": "attn_logit_softcapping",
+                                           "final_logit_softcapping": "final_logit_softcapping"},
+                       derived=_gemma_derived),
+    "gemma3": GgufArch("gemma3_text", _GEMMA, derived=_gemma_derived, architecture="Gemma3ForCausalLM"),
 }
 # llama.cpp writes these as arch "llama" too.
 _MISTRAL = GgufArch("mistral", _LLAMA)
@@ -125,10 +153,12 @@ def gguf_hf_config(path: Path, reader) -> dict:
     fields.update({name: metadata[key] for key, name in keys.items() if key in metadata})
     if "vocab_size" not in fields and "tokenizer.ggml.tokens" in metadata:
         fields["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
+    if entry.derived is not None:
+        fields.update(entry.derived(arch, metadata, fields))
     config = AutoConfig.for_model(**fields)
     d = config.to_dict()
     d.pop("_name_or_path", None)  # where transformers read it from, not part of the model
-    d["architectures"] = [type(config).__name__.replace("Config", "ForCausalLM")]
+    d["architectures"] = [entry.architecture or type(config).__name__.replace("Config", "ForCausalLM")]
     return d
 
 

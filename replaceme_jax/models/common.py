@@ -57,6 +57,20 @@ def init_params(specs, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -
     return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
 
 
+# A value of a family's ``config_to_hf_updates``: remove this key from the exported config.json.
+DROP_FIELD = type("DropField", (), {"__repr__": lambda self: "DROP_FIELD"})()
+
+# (array, T) -> array @ T: how a fold multiplies a weight by a map (see ``right_multiply``).
+MatmulFn = Callable[[Any, np.ndarray], Any]
+
+
+def right_multiply(value, T: np.ndarray):
+    """``value @ T`` in float64 on host, cast back to ``value``'s dtype (a stacked ``[E, I, D]`` kernel
+    is multiplied slice by slice)."""
+    merged = np.asarray(value, np.float64) @ np.asarray(T, np.float64)
+    return jnp.asarray(merged.astype(value.dtype))
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     # Same order of operations as transformers: normalise in float32, cast back, then scale.
     x32 = x.astype(jnp.float32)

@@ -18,9 +18,11 @@ import numpy as np
 from replaceme_jax.errors import UnsupportedModelError
 from replaceme_jax.models.common import (
     SUPPORTED_ROPE_TYPES,
+    MatmulFn,
     ParamSpec,
     Params,
     apply_rotary,
+    right_multiply,
     rms_norm,
     rope_inverse_frequencies,
     rotary_cos_sin,
@@ -87,6 +89,19 @@ class LlamaConfig:
     @property
     def inv_freq(self) -> np.ndarray:
         return rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_type, dict(self.rope_params))
+
+    def inv_freq_of_layer(self, layer: int) -> np.ndarray:
+        """Rope frequencies of one layer (one table for every layer here; Gemma 3 has two)."""
+        return self.inv_freq
+
+    @property
+    def attention_scale(self) -> float:
+        return self.head_dim**-0.5
+
+    @property
+    def attention_softcap(self) -> float | None:
+        """``cap * tanh(scores / cap)`` on the attention scores before the mask (Gemma 2); None: none."""
+        return None
 
     def window_of_layer(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == SLIDING_ATTENTION else None
@@ -305,6 +320,11 @@ def project_qkv(p: dict, c: LlamaConfig, x: jax.Array) -> tuple[jax.Array, jax.A
     return q, k, v
 
 
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (identity for ``cap=None``)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
 def _attention(p: dict, c: LlamaConfig, x: jax.Array, ctx: AttentionContext, window: int | None,
                project=project_qkv) -> jax.Array:
     """Causal self-attention; ``project`` gives q/k/v (a family with other q/k norms passes its own)."""
@@ -320,8 +340,8 @@ def _attention(p: dict, c: LlamaConfig, x: jax.Array, ctx: AttentionContext, win
     q = q.reshape(b, s, hkv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, groups * s, hd)
     k = k.transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (hd**-0.5)
-    scores = scores.reshape(b, hkv, groups, s, s)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * c.attention_scale
+    scores = softcap(scores, c.attention_softcap).reshape(b, hkv, groups, s, s)
     qpos = ctx.positions[:, :, None]
     kpos = ctx.positions[:, None, :]
     allowed = (kpos <= qpos) & ctx.key_valid[:, None, :]
@@ -339,15 +359,39 @@ def _mlp(p: dict, x: jax.Array) -> jax.Array:
     return _dense(p["down_proj"], jax.nn.silu(_dense(p["gate_proj"], x)) * _dense(p["up_proj"], x))
 
 
+def qkv_projection(c: LlamaConfig):
+    """The q/k/v projection of this family (what a KV-cache attention calls)."""
+    return project_qkv
+
+
+def layer_around_attention(layer: dict, c: LlamaConfig, layer_index: int, h: jax.Array, attend):
+    """One pre-norm layer around a given attention: ``attend(attn_params, normed_h) -> (out, aux)``
+    (the plain attention, or a KV-cache one). Returns ``(h_next, Y, M, aux)``."""
+    attn_out, aux = attend(layer["self_attn"], rms_norm(h, layer["input_layernorm"]["scale"], c.rms_norm_eps))
+    y = h + attn_out
+    m = _mlp(layer["mlp"], rms_norm(y, layer["post_attention_layernorm"]["scale"], c.rms_norm_eps))
+    return y + m, y, m, aux
+
+
 def decoder_layer(
     layer: dict, c: LlamaConfig, layer_index: int, h: jax.Array, ctx: AttentionContext
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One pre-norm layer. Returns ``(h_next, Y, M)``: output, residual after attention, MLP branch."""
-    attn_out = _attention(layer["self_attn"], c, rms_norm(h, layer["input_layernorm"]["scale"], c.rms_norm_eps),
-                          ctx, c.window_of_layer(layer_index))
-    y = h + attn_out
-    m = _mlp(layer["mlp"], rms_norm(y, layer["post_attention_layernorm"]["scale"], c.rms_norm_eps))
-    return y + m, y, m
+    def attend(p, x):
+        return _attention(p, c, x, ctx, c.window_of_layer(layer_index)), None
+
+    h_next, y, m, _ = layer_around_attention(layer, c, layer_index, h, attend)
+    return h_next, y, m
+
+
+def fold_output_map(layer: dict, c: LlamaConfig, T: np.ndarray, matmul: MatmulFn = right_multiply) -> dict:
+    """The layer with its MLP branch ``M -> M T`` folded into ``down_proj`` (kernel and bias times T);
+    exact. ``matmul(array, T)`` does the product (merge passes one that keeps a sharded layout).
+    Returns a new layer dict; the input is unchanged."""
+    layer = dict(layer)
+    layer["mlp"] = dict(layer["mlp"])
+    layer["mlp"]["down_proj"] = {name: matmul(value, T) for name, value in layer["mlp"]["down_proj"].items()}
+    return layer
 
 
 def embed(params: Params, input_ids: jax.Array) -> jax.Array:

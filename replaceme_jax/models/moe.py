@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from replaceme_jax.errors import UnsupportedModelError
 from replaceme_jax.models import llama
-from replaceme_jax.models.common import ParamSpec, Params, rms_norm
+from replaceme_jax.models.common import MatmulFn, ParamSpec, Params, right_multiply, rms_norm
 from replaceme_jax.models.llama import FULL_ATTENTION, SLIDING_ATTENTION, AttentionContext, ForwardOutput
 
 MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -352,18 +352,29 @@ def project_qkv(c: MoeConfig):
     return olmoe_project_qkv if c.full_width_qk_norm else llama.project_qkv
 
 
+def layer_around_attention(layer: dict, c: MoeConfig, layer_index: int, h: jax.Array, attend, *,
+                           expert_mask: jax.Array | None = None, dispatch: Dispatch = "auto"):
+    """One pre-norm layer around a given attention (``llama.layer_around_attention``'s contract):
+    ``(h_next, Y, M, (attention aux, MoeAux))``."""
+    normed = rms_norm(h, layer["input_layernorm"]["scale"], c.rms_norm_eps)
+    attn_out, attn_aux = attend(layer["self_attn"], normed)
+    y = h + attn_out
+    m, aux = moe_block(layer["mlp"], c, rms_norm(y, layer["post_attention_layernorm"]["scale"], c.rms_norm_eps),
+                       expert_mask=expert_mask, dispatch=dispatch)
+    return y + m, y, m, (attn_aux, aux)
+
+
 def decoder_layer_with_aux(
     layer: dict, c: MoeConfig, layer_index: int, h: jax.Array, ctx: AttentionContext, *,
     expert_mask: jax.Array | None = None, dispatch: Dispatch = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array, MoeAux]:
     """One pre-norm layer: ``(h_next, Y, M, aux)`` (output, residual after attention, MoE branch, aux)."""
-    normed = rms_norm(h, layer["input_layernorm"]["scale"], c.rms_norm_eps)
-    attn_out = llama._attention(layer["self_attn"], c, normed, ctx, c.window_of_layer(layer_index),
-                                project=project_qkv(c))
-    y = h + attn_out
-    m, aux = moe_block(layer["mlp"], c, rms_norm(y, layer["post_attention_layernorm"]["scale"], c.rms_norm_eps),
-                       expert_mask=expert_mask, dispatch=dispatch)
-    return y + m, y, m, aux
+    def attend(p, x):
+        return llama._attention(p, c, x, ctx, c.window_of_layer(layer_index), project=project_qkv(c)), None
+
+    h_next, y, m, (_, aux) = layer_around_attention(layer, c, layer_index, h, attend, expert_mask=expert_mask,
+                                                    dispatch=dispatch)
+    return h_next, y, m, aux
 
 
 def decoder_layer(layer: dict, c: MoeConfig, layer_index: int, h: jax.Array, ctx: AttentionContext,
@@ -374,6 +385,27 @@ def decoder_layer(layer: dict, c: MoeConfig, layer_index: int, h: jax.Array, ctx
 
 
 attention_context = llama.attention_context
+embed = llama.embed
+final_norm = llama.final_norm
+lm_head = llama.lm_head
+qkv_projection = project_qkv
+
+
+def fold_output_map(layer: dict, c: MoeConfig, T, matmul: MatmulFn = right_multiply) -> dict:
+    """The layer with its MoE branch ``M -> M T`` folded in; exact, since the branch is linear in every
+    expert's output: each routed expert's ``down_proj`` and the shared expert's (whose sigmoid gate
+    scales its output) times T. Returns a new layer dict."""
+    layer = dict(layer)
+    mlp = dict(layer["mlp"])
+    experts = dict(mlp["experts"])
+    experts["down_proj"] = {name: matmul(value, T) for name, value in experts["down_proj"].items()}
+    mlp["experts"] = experts
+    if "shared_expert" in mlp:
+        shared = dict(mlp["shared_expert"])
+        shared["down_proj"] = {name: matmul(value, T) for name, value in shared["down_proj"].items()}
+        mlp["shared_expert"] = shared
+    layer["mlp"] = mlp
+    return layer
 
 
 def forward(

@@ -1,4 +1,5 @@
-"""Fold T into the MLP down-projection of the last kept layer and drop the block. No new parameters."""
+"""Fold T into the MLP branch of the last kept layer (each family's ``fold_output_map``) and drop the
+block. No new parameters."""
 
 from __future__ import annotations
 
@@ -6,22 +7,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from replaceme_jax.models import family_for
 from replaceme_jax.sharding import gather_to_host
+
+
+def _sharding_preserving_matmul(value, T: np.ndarray):
+    """``value @ T`` in float64 on host, cast back; a sharded parameter keeps its layout, so later
+    passes run on the same mesh."""
+    merged = (np.asarray(gather_to_host(value), np.float64) @ np.asarray(T, np.float64)).astype(value.dtype)
+    sharding = getattr(value, "sharding", None)
+    if sharding is None:
+        return jnp.asarray(merged)
+    return jax.make_array_from_callback(merged.shape, sharding, lambda index: merged[index])
 
 
 def fold_transform(down_proj: dict, T: np.ndarray) -> dict:
     """kernel' = kernel @ T, bias' = bias @ T (Flax layout [I, D]), computed in float64."""
-    T = np.asarray(T, np.float64)
-    out = {}
-    for name, value in down_proj.items():
-        dtype = value.dtype
-        merged = (np.asarray(gather_to_host(value), np.float64) @ T).astype(dtype)
-        sharding = getattr(value, "sharding", None)
-        if sharding is None:
-            out[name] = jnp.asarray(merged)
-        else:  # keep the layout of a sharded parameter, so later passes run on the same mesh
-            out[name] = jax.make_array_from_callback(merged.shape, sharding, lambda index: merged[index])
-    return out
+    return {name: _sharding_preserving_matmul(value, T) for name, value in down_proj.items()}
 
 
 def replace_block(params: dict, config, start: int, end: int, T: np.ndarray | None):
@@ -33,10 +35,8 @@ def replace_block(params: dict, config, start: int, end: int, T: np.ndarray | No
         raise ValueError(f"invalid block ({start}, {end}) for {config.num_hidden_layers} layers")
     layers = list(params["layers"])
     if T is not None:
-        last = dict(layers[start - 1])
-        last["mlp"] = dict(last["mlp"])
-        last["mlp"]["down_proj"] = fold_transform(last["mlp"]["down_proj"], T)
-        layers[start - 1] = last
+        layers[start - 1] = family_for(config.model_type).fold_output_map(layers[start - 1], config, T,
+                                                                          matmul=_sharding_preserving_matmul)
     kept = [i for i in range(config.num_hidden_layers) if not start <= i < end]
     new_params = dict(params)
     new_params["layers"] = layers[:start] + layers[end:]

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from replaceme_jax import interrupt
-from replaceme_jax.models import family_for, llama
+from replaceme_jax.models import family_for
 from replaceme_jax.replaceme.merge import replace_block
 
 
@@ -76,7 +76,7 @@ def _prefix(params, input_ids, attention_mask, *, config, start):
     """Attention residual Y and MLP branch M of layer ``start - 1``: all a candidate T changes."""
     family = family_for(config.model_type)
     ctx = family.attention_context(config, input_ids.shape, attention_mask)
-    h = llama.embed(params, input_ids)
+    h = family.embed(params, input_ids)
     y = m = None
     for index in range(start):
         h, y, m = family.decoder_layer(params["layers"][index], config, index, h, ctx)
@@ -93,7 +93,7 @@ def _suffix_nll(params, T, y, m, attention_mask, targets, target_mask, *, config
                                              precision=jax.lax.Precision.HIGHEST)).astype(y.dtype)
     for index in range(start, config.num_hidden_layers):
         h, _, _ = family.decoder_layer(params["layers"][index], config, index, h, ctx)
-    logits = llama.lm_head(params, config, llama.final_norm(params, config, h))
+    logits = family.lm_head(params, config, family.final_norm(params, config, h))
     return _next_token_nll(logits, targets, target_mask)
 
 
