@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from replaceme_jax import interrupt
-from replaceme_jax.models import family_for, llama
+from replaceme_jax.models import family_for
 from replaceme_jax.progress import progress_bar
 from replaceme_jax.replaceme.merge import replace_block
 from replaceme_jax.replaceme.validation import _prefix
@@ -66,7 +66,7 @@ def _student_logits(params, T, y, m, attention_mask, *, config, start):
     h = (y.astype(jnp.float32) + jnp.einsum("bsd,de->bse", m.astype(jnp.float32), T)).astype(y.dtype)
     for index in range(start, config.num_hidden_layers):
         h, _, _ = family.decoder_layer(params["layers"][index], config, index, h, ctx)
-    return llama.lm_head(params, config, llama.final_norm(params, config, h)).astype(jnp.float32)
+    return family.lm_head(params, config, family.final_norm(params, config, h)).astype(jnp.float32)
 
 
 def kl_loss(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_mask, *, config, start):
