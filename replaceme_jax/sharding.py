@@ -15,10 +15,10 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from replaceme_jax.errors import UsageError
-from replaceme_jax.models.common import ParamSpec, map_specs
+from replaceme_jax.models.common import ParamSpec, is_spec, map_specs
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +39,83 @@ DEFAULT_RULES: dict[str, str | None] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class Replicated:
+    """One dim of one parameter that its rule maps to a mesh axis but that stays replicated."""
+
+    path: str
+    shape: tuple[int, ...]
+    size: int  # of the dim
+    logical: str
+    mesh_axis: str
+    reason: str  # "indivisible": dim % axis size != 0; "reused": the mesh axis already shards another dim
+
+
+@dataclasses.dataclass(frozen=True)
 class ShardingRules:
+    """Logical axis -> mesh axis. A dim its rule cannot shard (the mesh axis does not divide it, or
+    shards another dim of the same array already) stays replicated; ``shard_params`` says so in one
+    warning per call, or refuses with ``strict=True``."""
+
     rules: tuple[tuple[str, str | None], ...] = tuple(DEFAULT_RULES.items())
+    strict: bool = False
 
     def mesh_axis(self, logical: str | None) -> str | None:
         return dict(self.rules).get(logical) if logical is not None else None
 
-    def partition_spec(self, spec: ParamSpec, mesh: Mesh) -> P:
-        """Map logical axes to mesh axes; a dim not divisible by its mesh axis stays replicated."""
+    def _resolve(self, spec: ParamSpec, mesh: Mesh) -> tuple[P, list[tuple[int, str, str, str]]]:
         used: set[str] = set()
-        out = []
+        out, dropped = [], []
         for dim, logical in zip(spec.shape, spec.logical_axes):
             axis = self.mesh_axis(logical)
-            if axis is None or mesh.shape.get(axis, 1) == 1 or axis in used or dim % mesh.shape[axis]:
+            if axis is None or mesh.shape.get(axis, 1) == 1:
                 out.append(None)
-                continue
-            used.add(axis)  # one mesh axis at most once per array
-            out.append(axis)
-        return P(*out)
+            elif axis in used or dim % mesh.shape[axis]:
+                out.append(None)
+                dropped.append((dim, logical, axis, "reused" if axis in used else "indivisible"))
+            else:
+                used.add(axis)  # one mesh axis at most once per array
+                out.append(axis)
+        return P(*out), dropped
+
+    def partition_spec(self, spec: ParamSpec, mesh: Mesh) -> P:
+        """Map logical axes to mesh axes; a dim not divisible by its mesh axis stays replicated."""
+        return self._resolve(spec, mesh)[0]
+
+    def replicated(self, specs, mesh: Mesh) -> list[Replicated]:
+        """Every dim of ``specs`` (a pytree of ParamSpec) that its rule would shard but that stays
+        replicated on ``mesh``."""
+        found: list[Replicated] = []
+
+        def visit(path, spec: ParamSpec):
+            for size, logical, axis, reason in self._resolve(spec, mesh)[1]:
+                name = jax.tree_util.keystr(path, simple=True, separator=".")
+                found.append(Replicated(name, spec.shape, size, logical, axis, reason))
+            return spec
+
+        jax.tree_util.tree_map_with_path(visit, specs, is_leaf=is_spec)
+        return found
+
+
+def replication_summary(found: list[Replicated], mesh: Mesh) -> str:
+    """One entry per (logical axis, mesh axis, reason): how many tensors, the dim sizes, their names.
+    Layer indices are folded (``layers.*.mlp.up_proj.kernel``) so a 32-layer model reads as one entry."""
+    groups: dict[tuple, dict] = {}
+    for r in found:
+        key = (r.logical, r.mesh_axis, r.reason)
+        group = groups.setdefault(key, {"count": 0, "names": [], "sizes": set()})
+        group["count"] += 1
+        group["sizes"].add(r.size)
+        name = ".".join("*" if part.isdigit() else part for part in r.path.split("."))
+        if name not in group["names"]:
+            group["names"].append(name)
+    lines = []
+    for (logical, axis, reason), group in sorted(groups.items()):
+        why = (f"not divisible by {axis}={mesh.shape[axis]}" if reason == "indivisible"
+               else f"{axis} already shards another dim of the same array")
+        names = ", ".join(group["names"][:4]) + (", ..." if len(group["names"]) > 4 else "")
+        sizes = ", ".join(str(v) for v in sorted(group["sizes"]))
+        lines.append(f"'{logical}' (size {sizes}) -> {axis}, {why}: {group['count']} tensor(s): {names}")
+    return "; ".join(lines)
 
 
 def mesh_shape(mesh_config: Mapping[str, int] | None, device_count: int) -> dict[str, int]:
@@ -83,17 +142,45 @@ def mesh_shape(mesh_config: Mapping[str, int] | None, device_count: int) -> dict
 
 
 def make_mesh(mesh_config: Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """The ``data`` x ``fsdp`` x ``tensor`` mesh of ``mesh_config`` over ``devices`` (default: all).
+
+    ``jax.make_mesh`` orders the devices by the physical topology (rings on TPU, NVLink islands on
+    GPU), which a plain reshape of ``jax.devices()`` ignores. Axes are ``Auto`` (sharding propagated
+    by XLA), as with ``Mesh(...)``: ``jax.make_mesh`` defaults to ``Explicit`` axes. If the topology
+    has no assignment for the requested shape, the plain reshape is used, with a warning.
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(mesh_config, len(devices))
-    array = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
-    return Mesh(array, MESH_AXES)
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    except (NotImplementedError, ValueError, AssertionError) as e:
+        log.warning("mesh %s: no topology-aware device order (%s); using the devices in jax.devices() order",
+                    sizes, e)
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def param_shardings(specs, mesh: Mesh, rules: ShardingRules = ShardingRules()):
     return map_specs(lambda s: NamedSharding(mesh, rules.partition_spec(s, mesh)), specs)
 
 
+def check_replication(specs, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> list[Replicated]:
+    """Say once, in one warning, which parameters stay replicated along a mesh axis their rule names
+    (``rules.strict``: refuse instead). A replicated tensor costs its full size on every device of
+    that axis, which shows only when memory runs out on a large mesh."""
+    found = rules.replicated(specs, mesh)
+    if found:
+        summary = replication_summary(found, mesh)
+        if rules.strict:
+            raise UsageError(f"sharding: cannot shard as the rules ask on mesh {dict(mesh.shape)}: {summary}")
+        log.warning("sharding: %d tensor dim(s) stay replicated on mesh %s: %s", len(found), dict(mesh.shape),
+                    summary)
+    return found
+
+
 def shard_params(params, specs, mesh: Mesh, rules: ShardingRules = ShardingRules()):
+    """``params`` placed by ``specs`` and ``rules`` (one warning for what cannot be sharded as asked)."""
+    check_replication(specs, mesh, rules)
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, param_shardings(specs, mesh, rules))
 
 

@@ -120,3 +120,38 @@ def test_cosine_run_resumes_after_kill(setup):
     resumed = load_file(str(out / "replaceme" / "transforms.safetensors"))
     for key in clean:
         np.testing.assert_array_equal(resumed[key], clean[key])
+
+
+def test_processes_that_find_different_states_stop_with_an_error(tmp_path, monkeypatch):
+    """With several processes every one reads the state; one that finds another step (a state directory
+    not on shared storage) must stop the run, not let the collectives fall out of step."""
+    from replaceme_jax import checkpointing
+    from replaceme_jax.errors import ReplaceMeError
+
+    checkpointing.PassState(tmp_path / "pass1", every=1).save(3, {"x": np.arange(4.0)})
+    assert checkpointing.PassState(tmp_path / "pass1", every=1).restore({"x": np.zeros(4)})[0] == 3
+    # process 1 (simulated) found nothing where process 0 found step 3
+    monkeypatch.setattr(checkpointing, "all_processes", lambda values: np.array([list(values), [-1]]))
+    with pytest.raises(ReplaceMeError, match=r"process 0: step 3, process 1: none\).*shared file system"):
+        checkpointing.PassState(tmp_path / "pass1", every=1).restore({"x": np.zeros(4)})
+    monkeypatch.undo()
+    run = checkpointing.RunState(tmp_path, {}, {"path": "x"}, every=1)
+    # process 1 (simulated) finds block 0 finished where process 0 finds nothing
+    monkeypatch.setattr(checkpointing, "all_processes", lambda values: np.array([list(values), [0]]))
+    with pytest.raises(ReplaceMeError, match=r"block 0 \(process 0: none, process 1: present\)"):
+        run.load_block(0)
+
+
+def test_state_is_built_only_when_a_save_is_due_and_distributed_keys_do_not_block_resume(tmp_path):
+    from replaceme_jax import checkpointing
+
+    built = []
+    state = checkpointing.PassState(tmp_path / "p", every=2)
+    state.save(1, lambda: built.append(1) or {"x": np.ones(2)})
+    assert built == [] and not (tmp_path / "p").exists()
+    state.save(2, lambda: built.append(2) or {"x": np.ones(2)})
+    assert built == [2] and state.restore({"x": np.zeros(2)})[0] == 2
+    first = checkpointing.RunState(tmp_path, {"alpha": 0.0, "distributed": {"process_id": 0}}, {"path": "x"}, every=1)
+    first.ensure()
+    # the other process of the same job, or a rerun with a new coordinator port
+    checkpointing.RunState(tmp_path, {"alpha": 0.0, "distributed": {"process_id": 1}}, {"path": "x"}, every=1)

@@ -20,6 +20,7 @@ from replaceme_jax.experts.stats import ExpertStats, init_stats, update_stats
 from replaceme_jax.models import llama, moe
 from replaceme_jax.models.common import Params
 from replaceme_jax.models.moe import MoeConfig
+from replaceme_jax.sharding import gather_to_host, put_batch
 
 
 def _canonical_layer(config: MoeConfig, index: int) -> int:
@@ -42,18 +43,25 @@ class LayerwiseCalibration:
     """The residual streams ``h_l`` of a set of batches, advanced layer by layer.
 
     ``batches``: (input_ids, attention_mask) pairs. ``sample_tokens``: how many real tokens to sample
-    (the same positions at every layer) for statistics that run every expert (REAM).
+    (the same positions at every layer) for statistics that run every expert (REAM). ``mesh``: each
+    batch is split over the mesh's batch axes (``sharding.put_batch``), and the layer runs with its
+    parameters as they are placed (e.g. by ``sharding.shard_params``); the statistics are sums over
+    tokens, which XLA reduces across devices.
     """
 
     def __init__(self, params: Params, config: MoeConfig, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
-                 dispatch: str = "auto", sample_tokens: int = 0, seed: int = 0):
+                 dispatch: str = "auto", sample_tokens: int = 0, seed: int = 0, mesh=None):
         self.config = config
         self.dispatch = dispatch
+        self.mesh = mesh
         self.masks = [np.asarray(mask, np.int32) for _, mask in batches]
         ids = [np.asarray(i, np.int32) for i, _ in batches]
-        self.hidden = [np.asarray(llama.embed(params, jnp.asarray(i))) for i in ids]
+        self.hidden = [gather_to_host(llama.embed(params, self._put(i))) for i in ids]
         self.layer = 0
         self.sample_index = self._choose_sample(sample_tokens, seed)
+
+    def _put(self, array: np.ndarray) -> jax.Array:
+        return jnp.asarray(array) if self.mesh is None else put_batch(array, self.mesh)
 
     def _choose_sample(self, n: int, seed: int) -> list[np.ndarray] | None:
         if n <= 0:
@@ -78,11 +86,11 @@ class LayerwiseCalibration:
         with_x = want_sample and self.sample_index is not None
         for b, (h, mask) in enumerate(zip(self.hidden, self.masks)):
             interrupt.check()
-            h_next, stats, x = _layer_step(layer, stats, jnp.asarray(h), jnp.asarray(mask), config=config,
+            h_next, stats, x = _layer_step(layer, stats, self._put(h), self._put(mask), config=config,
                                            layer_index=index, dispatch=self.dispatch, with_x=with_x)
-            outputs.append(np.asarray(h_next))
+            outputs.append(gather_to_host(h_next))
             if with_x and len(self.sample_index[b]):
-                samples.append(np.asarray(jnp.take(x, jnp.asarray(self.sample_index[b]), axis=0)))
+                samples.append(gather_to_host(jnp.take(x, jnp.asarray(self.sample_index[b]), axis=0)))
             if progress is not None:
                 progress()
         sample = np.concatenate(samples) if samples else None

@@ -42,6 +42,9 @@ class ExpertsConfig:
     pca_dim: int = 64
     dispatch: Literal["auto", "dense", "ragged"] = "auto"
     bucket: Literal["pow2", "longest"] | int = "pow2"
+    # device mesh for the calibration passes, as for compress: {data: 4, fsdp: 1, tensor: 2}; default:
+    # every device on data (batch_size must be a multiple of data x fsdp)
+    mesh: dict | None = None
     chat_format: Literal["slimorca"] | None = None
     self_temperature: float = 0.8  # dataset: self (as for compress)
     self_top_k: int | None = None

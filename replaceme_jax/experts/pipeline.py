@@ -34,6 +34,7 @@ from replaceme_jax.experts.stats import SALIENCY_METHODS, logit_cosine, reconstr
 from replaceme_jax.models.moe import MoeConfig
 from replaceme_jax.progress import progress_bar
 from replaceme_jax.report import StageTimer, plot_saliency_heatmap, write_json
+from replaceme_jax.sharding import check_batch_divides, make_mesh, place_fn, shard_params
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _prune_from_recipe(cfg: ExpertsConfig, model: LoadedModel, num_keep: int):
     return mlps, entries
 
 
-def _calibrate_and_compress(cfg: ExpertsConfig, model: LoadedModel, num_keep: int, timer: StageTimer):
+def _calibrate_and_compress(cfg: ExpertsConfig, model: LoadedModel, num_keep: int, timer: StageTimer, mesh=None):
     config = model.config
     tokenizer = load_tokenizer(model)
     with timer("calibration_data"):
@@ -110,7 +111,8 @@ def _calibrate_and_compress(cfg: ExpertsConfig, model: LoadedModel, num_keep: in
     # A token sample is kept for every method: REAM aligns and compares experts on it, and every
     # method's per-layer reconstruction error is measured on it.
     run = LayerwiseCalibration(model.params, config, [(b.input_ids, b.attention_mask) for b in batches],
-                               dispatch=cfg.dispatch, sample_tokens=cfg.sample_tokens, seed=cfg.seed)
+                               dispatch=cfg.dispatch, sample_tokens=cfg.sample_tokens, seed=cfg.seed,
+                               mesh=mesh if mesh is not None and mesh.size > 1 else None)
     mlps, entries = [], []
     num_layers = config.num_hidden_layers
     with progress_bar(num_layers, f"{cfg.method} layers", unit="layer") as bar:
@@ -144,8 +146,16 @@ def compress_experts(cfg: ExpertsConfig) -> ExpertsResult:
     if not cfg.recipe_path:
         check_sources(cfg.dataset)
     check_model_source(cfg.model_path)
+    mesh = make_mesh(cfg.mesh)
+    if not cfg.recipe_path:
+        check_batch_divides(cfg.batch_size, mesh)
     with timer("load_model"):
-        model = load_model(cfg.model_path, dtype=cfg.dtype)
+        if mesh.size > 1:
+            # tensors go straight into their shards (see compress)
+            model = load_model(cfg.model_path, dtype=cfg.dtype, place=place_fn(mesh))
+            model.params = shard_params(model.params, model.family.param_specs(model.config), mesh)
+        else:
+            model = load_model(cfg.model_path, dtype=cfg.dtype)
         check_finite(model.params, cfg.model_path)
     config = model.config
     if not isinstance(config, MoeConfig):
@@ -157,7 +167,7 @@ def compress_experts(cfg: ExpertsConfig) -> ExpertsResult:
         mlps, entries = _prune_from_recipe(cfg, model, num_keep)
         batches = run = None
     else:
-        mlps, entries, batches, run = _calibrate_and_compress(cfg, model, num_keep, timer)
+        mlps, entries, batches, run = _calibrate_and_compress(cfg, model, num_keep, timer, mesh)
     params, new_config = apply_layer_params(model.params, config, mlps)
     check_finite(params, "compressed model")
     compressed = dataclasses.replace(model, params=params, config=new_config)
@@ -194,7 +204,7 @@ def compress_experts(cfg: ExpertsConfig) -> ExpertsResult:
         "peak_rss_mb_after_stage": timer.peak_rss_mb,
         "config": to_dict(cfg),
         "platform": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
-                     "python": platform.python_version()},
+                     "mesh": dict(mesh.shape), "python": platform.python_version()},
     }
 
     def write_extra(tmp: Path) -> None:

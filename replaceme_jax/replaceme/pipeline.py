@@ -381,7 +381,7 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
         check_output_location(save_path, needed)
     state = None
     # An in-memory model has no file to fingerprint, so its runs do not resume.
-    if cfg.checkpoint_every != 0 and save_path is not None and is_main_process() and model.source_format != "memory":
+    if cfg.checkpoint_every != 0 and save_path is not None and model.source_format != "memory":
         state = RunState(save_path, to_dict(cfg), model_fingerprint(resolve_builtin(cfg.model_path)),
                          cfg.checkpoint_every, restart=restart)
     if tokenizer is None and not (sequences is not None and model.tokenizer_source is None):

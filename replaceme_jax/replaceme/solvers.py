@@ -7,6 +7,7 @@ O(D^2) whatever the number of tokens). ``cosine`` needs the rows themselves and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Callable
 
@@ -135,8 +136,44 @@ def cosine_state(T, opt_state, key, losses: list[float], epochs: int) -> dict:
     """Checkpointable solver state: plain arrays only (scalars as 1-element arrays, losses padded)."""
     padded = np.full(epochs + 1, np.nan)
     padded[: len(losses)] = losses
-    return {"T": np.asarray(T), "opt": [np.asarray(x).reshape(-1) for x in jax.tree.leaves(opt_state)],
+    # copies: T and the optimiser state are donated to the next epoch
+    return {"T": np.array(T), "opt": [np.array(x).reshape(-1) for x in jax.tree.leaves(opt_state)],
             "key": np.asarray(key), "losses": padded, "epochs_done": np.array([len(losses) - 1], np.int64)}
+
+
+@functools.lru_cache(maxsize=8)
+def _cosine_epoch_fn(n: int, steps: int, batch_rows: int, accurate: bool, loss: str, lr: float):
+    """(epoch, full_loss) for one problem shape: jitted, with the rows passed as arguments.
+
+    Closed over, the rows would become constants of the compiled program (hundreds of MB copied into
+    it and folded by XLA on every fit; see "CPU scale evidence" in BENCHMARKS.md). As arguments, one
+    compilation serves every block of the same shape. T and the optimiser state are donated: each
+    epoch replaces them.
+    """
+    optimizer = optax.adam(lr)
+
+    def batch_loss(T, M, target, Yd, idx):
+        return cosine_objective(T, M[idx], target[idx], Yd[idx] if accurate else None, accurate, loss)
+
+    def full_loss(T, M, target, Yd):
+        # chunked so the full-data loss does not materialise N x D predictions at once
+        chunks = max(1, n // 8192)
+        idx = jnp.arange(chunks * (n // chunks)).reshape(chunks, -1)
+        return jnp.mean(jax.lax.map(lambda i: batch_loss(T, M, target, Yd, i), idx))
+
+    def epoch(T, state, key, M, target, Yd):
+        perm = jax.random.permutation(key, n)[: steps * batch_rows].reshape(steps, batch_rows)
+
+        def step(carry, idx):
+            T, state = carry
+            value, grad = jax.value_and_grad(batch_loss)(T, M, target, Yd, idx)
+            updates, state = optimizer.update(grad, state, T)
+            return (optax.apply_updates(T, updates), state), value
+
+        (T, state), _ = jax.lax.scan(step, (T, state), perm)
+        return T, state, full_loss(T, M, target, Yd)
+
+    return jax.jit(epoch, donate_argnums=(0, 1)), jax.jit(full_loss)
 
 
 def fit_cosine(M: np.ndarray, target: np.ndarray, Y: np.ndarray | None = None, *, accurate: bool = False,
@@ -156,51 +193,30 @@ def fit_cosine(M: np.ndarray, target: np.ndarray, Y: np.ndarray | None = None, *
     M = jnp.asarray(M, jnp.float32)
     target = jnp.asarray(target, jnp.float32)
     Yd = jnp.asarray(Y, jnp.float32) if accurate else jnp.zeros((1, dim), jnp.float32)
-    T = jnp.asarray(np.eye(dim) if T0 is None else T0, jnp.float32)
+    T = jnp.array(np.eye(dim) if T0 is None else T0, jnp.float32)  # a copy: T is donated to each epoch
     batch_rows = min(batch_rows, n)
     steps = n // batch_rows  # full batches only, so every step has one compiled shape
     optimizer = optax.adam(lr)
     state = optimizer.init(T)
-
-    def batch_loss(T, idx):
-        return cosine_objective(T, M[idx], target[idx], Yd[idx] if accurate else None, accurate, loss)
-
-    def full_loss(T):
-        # chunked so the full-data loss does not materialise N x D predictions at once
-        chunks = max(1, n // 8192)
-        idx = jnp.arange(chunks * (n // chunks)).reshape(chunks, -1)
-        return jnp.mean(jax.lax.map(lambda i: batch_loss(T, i), idx))
-
-    @jax.jit
-    def epoch(T, state, key):
-        perm = jax.random.permutation(key, n)[: steps * batch_rows].reshape(steps, batch_rows)
-
-        def step(carry, idx):
-            T, state = carry
-            value, grad = jax.value_and_grad(batch_loss)(T, idx)
-            updates, state = optimizer.update(grad, state, T)
-            return (optax.apply_updates(T, updates), state), value
-
-        (T, state), _ = jax.lax.scan(step, (T, state), perm)
-        return T, state, full_loss(T)
+    epoch, full_loss = _cosine_epoch_fn(n, steps, batch_rows, accurate, loss, float(lr))
 
     with jax.default_matmul_precision("highest"):
         key = jax.random.PRNGKey(seed)
         first = 0
         if resume is not None:
             first = int(resume["epochs_done"][0])
-            T = jnp.asarray(resume["T"], jnp.float32)
+            T = jnp.array(resume["T"], jnp.float32)
             leaves, treedef = jax.tree.flatten(state)
             state = jax.tree.unflatten(treedef, [jnp.asarray(v).reshape(l.shape).astype(l.dtype)
                                                  for v, l in zip(resume["opt"], leaves)])
             key = jnp.asarray(resume["key"], jnp.uint32)
             losses = [float(v) for v in resume["losses"][: first + 1]]
         else:
-            losses = [float(jax.jit(full_loss)(T))]
+            losses = [float(full_loss(T, M, target, Yd))]
         for i in range(first, epochs):
             interrupt.check()
             key, sub = jax.random.split(key)
-            T, state, value = epoch(T, state, sub)
+            T, state, value = epoch(T, state, sub, M, target, Yd)
             losses.append(float(value))
             if progress:
                 progress(i, losses[-1])
