@@ -273,7 +273,7 @@ def run_capture(params, config, spec: CaptureSpec, batches: Iterable, progress=N
             ids, mask = _device_batch(batch, mesh)
             acc.add(step(params, input_ids=ids, attention_mask=mask), index, split)
             if checkpoint is not None:
-                checkpoint.save(index + 1, acc.state_dict())
+                checkpoint.save(index + 1, acc.state_dict)  # built only when a save is due
             if progress is not None:
                 progress.update(1)
     return acc
