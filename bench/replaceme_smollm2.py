@@ -29,21 +29,18 @@ REFERENCE_ROWS = dict(include_pad_rows=True, first_token_rows="include", bucket=
 VARIANTS = {
     # name: (config overrides, what it shows)
     "uidl": (dict(method="uidl"), "drop the block, no T"),
-    "lstsq": (dict(method="lstsq"), "ours (default): pad and first-position rows excluded"),
-    "lstsq_with_first_token": (dict(method="lstsq", first_token_rows="include"), "pad rows excluded only"),
-    "lstsq_reference_rows": (dict(method="lstsq", **REFERENCE_ROWS), "the reference's fit: pad rows included"),
+    "lstsq": (dict(method="lstsq"), "defaults: first-position weight and ridge chosen on held-out documents"),
+    "lstsq_kl": (dict(method="lstsq", refine="kl", refine_steps=60, refine_lr=2e-4),
+                 "defaults, then 60 Adam steps on T against KL(original || pruned)"),
+    "lstsq_exclude": (dict(method="lstsq", first_token_rows="exclude", alpha=0.0),
+                      "the earlier default: pad and first-position rows excluded, no ridge"),
+    "lstsq_with_first_token": (dict(method="lstsq", first_token_rows="include", alpha=0.0), "pad rows excluded only"),
+    "lstsq_reference_rows": (dict(method="lstsq", alpha=0.0, validation_fraction=0.0, **REFERENCE_ROWS),
+                             "the reference's fit: pad rows included"),
     "cosine": (dict(method="cosine"), "reference cosine settings (identity init, lr 1e-4, 10 epochs), our rows"),
-    "cosine_with_first_token": (dict(method="cosine", first_token_rows="include"),
-                                "reference cosine settings, pad rows excluded only"),
     "cosine_accurate_lstsq_init": (dict(method="cosine", accurate=True, cosine_init="lstsq"),
                                    "accurate objective, lstsq init, our rows"),
-    "cosine_accurate_lstsq_init_with_first_token": (
-        dict(method="cosine", accurate=True, cosine_init="lstsq", first_token_rows="include"),
-        "accurate objective, lstsq init, pad rows excluded only"),
-    "uidl_n6": (dict(method="uidl", layers_to_skip=6), ""),
-    "lstsq_n6": (dict(method="lstsq", layers_to_skip=6), ""),
-    "uidl_n4": (dict(method="uidl", layers_to_skip=4), ""),
-    "lstsq_n4": (dict(method="lstsq", layers_to_skip=4), ""),
+    **{f"{method}_n{n}": (dict(method=method, layers_to_skip=n), "") for n in (4, 6, 10) for method in ("uidl", "lstsq")},
 }
 TASKS = ("wikitext2", "lambada_openai", "arc_easy", "piqa", "hellaswag", "winogrande")
 

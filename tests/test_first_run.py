@@ -67,6 +67,9 @@ def test_auto_fit_records_its_choices_and_picks_the_lowest_heldout_perplexity(tm
     chosen = block["solver"]
     assert chosen["alpha_relative"] in pipeline.RELATIVE_ALPHAS
     assert chosen["first_token_weight"] in pipeline.FIRST_TOKEN_WEIGHTS
+    for key in ("heldout_error_without_T_rest", "heldout_error_without_T_first", "heldout_error_with_T_rest",
+                "heldout_error_with_T_first"):
+        assert np.isfinite(validation[key]) and validation[key] >= 0
     for c in tried:  # closed-form held-out errors of every candidate, ordinary and first-position rows
         assert c["heldout_error_rest"] >= 0 and c["heldout_error_first"] >= 0
     if validation["T_beats_dropping"]:

@@ -248,6 +248,9 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
     family = LstsqFamily(cfg, acc.sums["fit"]["rest"][block_index], acc.sums["fit"]["first"][block_index])
     heldout = (acc.sums["heldout"]["rest"][block_index], acc.sums["heldout"]["first"][block_index]) \
         if evaluator is not None else None
+    if heldout is not None:  # dropping the block (T = I), in closed form, beside each candidate's
+        validation.update(heldout_error_without_T_rest=heldout[0].relative_error(None),
+                          heldout_error_without_T_first=heldout[1].relative_error(None))
     chosen, tried = _search_lstsq(cfg, family, heldout, evaluator, timer)
     T = chosen["T"]
     fit = family.equations(chosen["first_token_weight"])
@@ -271,6 +274,9 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
     if validation is not None:
         validation["candidates"] = [{k: v for k, v in r.items() if k != "T"} for r in tried]
         validation["perplexity_with_T"] = chosen["perplexity"]
+        if heldout is not None and T is not None:
+            validation.update(heldout_error_with_T_rest=heldout[0].relative_error(T),
+                              heldout_error_with_T_first=heldout[1].relative_error(T))
         beats = chosen["perplexity"] <= validation["perplexity_without_T"]  # a tie: T is the identity
         validation["T_beats_dropping"] = bool(beats)
         validation["fallback"] = False
