@@ -16,7 +16,7 @@ from replaceme_jax.conversion.model_io import TOKENIZER_FILES, LoadedModel, dtyp
 from replaceme_jax.conversion.weight_map import flatten_params, param_to_hf_keys, to_hf_layout
 from replaceme_jax import interrupt
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.models.common import DROP_FIELD
+from replaceme_jax.models.common import DROP_FIELD, IfPresent
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ def export_config(model: LoadedModel, dtype: str) -> dict:
     for key, value in model.family.config_to_hf_updates(model.config).items():
         if value is DROP_FIELD:  # a field the kept layers no longer follow (e.g. a sliding-window pattern)
             cfg.pop(key, None)
+        elif isinstance(value, IfPresent):
+            if key in cfg:
+                cfg[key] = value.value
         else:
             cfg[key] = value
     cfg["dtype"] = dtype

@@ -60,6 +60,15 @@ def init_params(specs, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -
 # A value of a family's ``config_to_hf_updates``: remove this key from the exported config.json.
 DROP_FIELD = type("DropField", (), {"__repr__": lambda self: "DROP_FIELD"})()
 
+
+
+@dataclasses.dataclass(frozen=True)
+class IfPresent:
+    """A value of a family's ``config_to_hf_updates`` written only over a key the source config has."""
+
+    value: Any
+
+
 # (array, T) -> array @ T: how a fold multiplies a weight by a map (see ``right_multiply``).
 MatmulFn = Callable[[Any, np.ndarray], Any]
 

@@ -33,6 +33,8 @@ import numpy as np
 from replaceme_jax.errors import UnsupportedModelError
 from replaceme_jax.models import llama
 from replaceme_jax.models.common import (
+    DROP_FIELD,
+    IfPresent,
     MatmulFn,
     ParamSpec,
     Params,
@@ -204,15 +206,14 @@ def _pattern_of(layer_types: Sequence[str]) -> int | None:
 
 
 def config_to_hf_updates(config: GemmaConfig) -> dict:
-    """Per-layer fields to write into an exported ``config.json``: ``layer_types`` always, and the
-    sliding-window pattern when the kept layers still follow one (``DROP_FIELD``: remove the key)."""
-    from replaceme_jax.models.common import DROP_FIELD
-
+    """Per-layer fields to write into an exported ``config.json``: ``layer_types`` always, and a
+    sliding-window pattern key the source has rewritten when the kept layers still follow one, else
+    removed (``layer_types`` alone then says which layers slide)."""
     updates: dict[str, Any] = {"num_hidden_layers": config.num_hidden_layers,
                                "layer_types": list(config.layer_types)}
     pattern = _pattern_of(config.layer_types)
     for key in PATTERN_KEYS:
-        updates[key] = pattern if pattern is not None else DROP_FIELD
+        updates[key] = IfPresent(pattern) if pattern is not None else DROP_FIELD
     return updates
 
 
