@@ -54,18 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing save_path")
     _add_common(p)
 
-    p = sub.add_parser("evaluate", help="perplexity and zero-shot multiple-choice accuracy of one or more models")
+    p = sub.add_parser("evaluate", help="perplexity, zero-shot multiple-choice accuracy and greedy generations of "
+                                        "one or more models")
     p.add_argument("--model", action="append", required=True, metavar="PATH",
                    help="HF directory, GGUF file, orbax checkpoint or 'smollm2-135m'; repeat to compare "
                         "(later models are also shown as %% of the first)")
-    p.add_argument("--tasks", required=True, help="comma-separated: wikitext2, lambada_openai, arc_easy, "
-                   "arc_challenge, piqa, hellaswag, winogrande, boolq, openbookqa, ppl:FILE, mc:FILE")
+    p.add_argument("--tasks", default=None, help="comma-separated: wikitext2, lambada_openai, arc_easy, "
+                   "arc_challenge, piqa, hellaswag, winogrande, boolq, openbookqa, gen_exact (bundled greedy "
+                   "exact match), ppl:FILE, mc:FILE, gen:FILE")
     p.add_argument("--data-dir", default=None, help="folder of the task files (default: ../shared/data/eval)")
-    p.add_argument("--limit", type=int, default=None, help="first N items of each task (windows for perplexity)")
+    p.add_argument("--limit", default=None, metavar="N|TASK=N,...",
+                   help="first N items of each task (windows for perplexity); per task as wikitext2=16,arc_easy=200; "
+                        "a plain number beside them sets the rest (100,wikitext2=8)")
     p.add_argument("--max-length", type=int, default=1024,
                    help="perplexity window in tokens (each window scored alone, no BOS); longer "
                         "multiple-choice inputs are cut on the left")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--generate", default=None, metavar="FILE",
+                   help="prompts, one a line: every model's greedy continuation side by side in the report "
+                        "and a printed table")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per --generate prompt")
     p.add_argument("--output", default=None, help="JSON report; a bar chart PNG is written next to it")
     _add_common(p)
     return parser
@@ -131,14 +139,17 @@ def cmd_distances(args) -> int:
 def cmd_evaluate(args) -> int:
     from pathlib import Path
 
+    from replaceme_jax.eval_generation import generation_table
     from replaceme_jax.evaluate import markdown_table, run_evaluation
 
-    report = run_evaluation(args.model, args.tasks, data_dir=args.data_dir, limit=args.limit,
+    report = run_evaluation(args.model, args.tasks or (), data_dir=args.data_dir, limit=args.limit,
                             max_length=args.max_length, batch_size=args.batch_size, output=args.output,
-                            progress=not args.quiet)
-    print(markdown_table(report))
+                            progress=not args.quiet, generate=args.generate, max_new_tokens=args.max_new_tokens)
+    tables = [markdown_table(report), generation_table(report) if "generation" in report else ""]
+    print("\n\n".join(t for t in tables if t))
     if args.output:
-        print(f"wrote {args.output} and {Path(args.output).with_suffix('.png')}")
+        chart = Path(args.output).with_suffix(".png")
+        print(f"wrote {args.output}" + (f" and {chart}" if report["settings"]["tasks"] else ""))
     return 0
 
 

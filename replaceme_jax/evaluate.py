@@ -5,8 +5,9 @@ Python API (no files involved; any params/config pair of a family in ``replaceme
 - ``score_requests(params, config, [(context_ids, continuation_ids), ...])``: summed log-probability of
   each continuation and whether greedy decoding reproduces it. Everything else is built on this.
 - ``loglikelihoods(params, config, tokenizer, [(context, continuation), ...])``: the same on strings.
-- ``perplexity(params, config, tokenizer, text)``, ``multiple_choice(..., items)``, ``lambada(..., pairs)``:
-  task metrics.
+- ``perplexity(params, config, tokenizer, text)``, ``multiple_choice(..., items)``, ``lambada(..., pairs)``,
+  ``generation_exact_match(..., [(prompt, answer), ...])``: task metrics.
+- ``target_logprobs(chunk_logits, vocab_size, targets, chunk)``: the streamed log-softmax under all of it.
 
 Conventions (chosen so that numbers compare with published lm-eval tables and ``MODELS.md``):
 
@@ -24,15 +25,22 @@ Conventions (chosen so that numbers compare with published lm-eval tables and ``
 - LAMBADA: ``acc`` is 1 when greedy decoding produces every token of the last word; ``perplexity``
   is ``exp(-mean per-item log-likelihood)`` (lm-eval's aggregation, per item, not per token).
 
+- Generation (``gen_exact``, ``gen:FILE``, ``--generate``): greedy decoding with the KV-cache sampler of
+  ``replaceme_jax.generate``; see ``replaceme_jax.eval_generation``.
+
 Scoring is one jitted function of plain ``jnp`` over right-padded batches. Batch lengths are padded to
 32, 48, 64, 96, 128, ... (at most ``max_length``) and every batch has the same number of rows, so a
-task compiles a handful of shapes. Float32 matmuls use JAX's default precision for the backend (full
-float32 on CPU; wrap calls in ``jax.default_matmul_precision("highest")`` to avoid TF32 on GPU).
+task compiles a handful of shapes. The model runs without its LM head; the head is applied one
+vocabulary chunk at a time (``LOGITS_CHUNK_BYTES`` for the batch's float32 logits and the chunk's
+weight rows) inside a streamed log-sum-exp, so memory does not grow with vocabulary x batch x
+length. Float32 matmuls use JAX's default precision for the backend (full float32 on CPU; wrap calls
+in ``jax.default_matmul_precision("highest")`` to avoid TF32 on GPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import logging
@@ -48,6 +56,8 @@ import numpy as np
 
 from replaceme_jax import interrupt
 from replaceme_jax.errors import ReplaceMeError, UsageError
+from replaceme_jax.eval_generation import (EXACT_MATCH_NEW_TOKENS, GENERATE_ROWS, Generations, bundled_task_file,
+                                           exact_match, greedy_continuations)
 from replaceme_jax.progress import progress_bar
 from replaceme_jax.models import family_for
 
@@ -90,17 +100,89 @@ def bucket_length(n: int, max_length: int) -> int:
     return min(power * 3 // 4 if power * 3 // 4 >= n else power, max_length)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _score_batch(params, input_ids, attention_mask, targets, target_mask, *, config):
-    logits = family_for(config.model_type).forward(params, config, input_ids, attention_mask).logits
-    logits = logits.astype(jnp.float32)
-    # One max over the vocabulary serves both the log-sum-exp and the greedy test (argmax is a slow
-    # variadic reduce on XLA:CPU, 3x the cost); "target logit is the max" differs from argmax only on exact ties.
-    top = jnp.max(logits, axis=-1)
-    log_z = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    logprob = jnp.sum(jnp.where(target_mask, picked - log_z, 0.0), axis=-1)
-    greedy = jnp.all((picked >= top) | ~target_mask, axis=-1)
+# One vocabulary chunk (float32 logits of the whole batch plus the chunk's slice of the LM head weight)
+# is kept under this many bytes. With a 150k vocabulary, the full [batch, length, vocab] logits of
+# 8 x 1024 tokens alone are 5 GB; a 64 MiB chunk costs about what one MLP activation does.
+LOGITS_CHUNK_BYTES = 64 << 20
+MIN_VOCAB_CHUNK = 128
+
+
+def vocab_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int = 0,
+                     budget_bytes: int = LOGITS_CHUNK_BYTES) -> int:
+    """Vocabulary ids per chunk so that a chunk's ``[num_tokens, chunk]`` logits and its ``[chunk,
+    hidden_size]`` slice of the head weight (copied out of the table), both float32, fit
+    ``budget_bytes``: a multiple of 128 (at least 128), at most the vocabulary."""
+    per_id = 4 * (max(int(num_tokens), 1) + max(int(hidden_size), 0))
+    chunk = budget_bytes // per_id // MIN_VOCAB_CHUNK * MIN_VOCAB_CHUNK
+    return int(min(max(chunk, MIN_VOCAB_CHUNK), vocab_size))
+
+
+def target_logprobs(chunk_logits: Callable[[int | jax.Array, int], jax.Array], vocab_size: int,
+                    targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """``log_softmax(logits)[n, targets[n]]`` and whether that logit is the row's maximum, for logits
+    that are never held whole: ``chunk_logits(start, size)`` gives the ``[N, size]`` logits of
+    vocabulary ids ``start .. start + size - 1`` (``size`` static, ``start`` possibly traced).
+
+    One pass over ``vocab_size / chunk`` chunks (a ``lax.scan``; a last shorter chunk when ``chunk``
+    does not divide the vocabulary) keeps a running maximum ``m`` and a running ``sum exp(logit - m)``,
+    rescaled when ``m`` grows (streamed log-sum-exp), and picks each target's logit from the chunk
+    that holds it. Memory: one ``[N, chunk]`` block, whatever the vocabulary. "The target is the
+    maximum" differs from argmax only on exact ties (argmax is a slow variadic reduce on XLA:CPU).
+    """
+    chunk = int(min(max(chunk, 1), vocab_size))
+    n = targets.shape[0]
+    full, tail = divmod(vocab_size, chunk)
+
+    def update(carry, start, size):
+        top, total, picked = carry
+        logits = chunk_logits(start, size).astype(jnp.float32)
+        new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+        total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[:, None]), axis=-1)
+        local = targets - start
+        inside = (local >= 0) & (local < size)
+        value = jnp.take_along_axis(logits, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
+        return new_top, total, jnp.where(inside, value, picked)
+
+    carry = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    if full == 1:
+        carry = update(carry, 0, chunk)
+    else:
+        carry, _ = jax.lax.scan(lambda c, i: (update(c, i * chunk, chunk), None), carry,
+                                jnp.arange(full, dtype=jnp.int32))
+    if tail:
+        carry = update(carry, full * chunk, tail)
+    top, total, picked = carry
+    return picked - (top + jnp.log(total)), picked >= top
+
+
+def head_chunks(params, config, normed: jax.Array) -> Callable[[int | jax.Array, int], jax.Array]:
+    """``chunk_logits(start, size)`` for ``target_logprobs``: the family's LM head applied to ``normed``
+    [N, D] with only vocabulary rows ``start .. start + size - 1`` of its weight (the tied embedding or
+    the untied kernel); what the head does per logit (a soft cap, say) is kept."""
+    lm_head = family_for(config.model_type).lm_head
+
+    def chunk_logits(start, size):
+        if config.tie_word_embeddings:
+            rows = jax.lax.dynamic_slice_in_dim(params["embed_tokens"]["embedding"], start, size, axis=0)
+            head = {"embed_tokens": {"embedding": rows}}
+        else:
+            cols = jax.lax.dynamic_slice_in_dim(params["lm_head"]["kernel"], start, size, axis=1)
+            head = {"lm_head": {"kernel": cols}}
+        return lm_head(head, config, normed[None])[0]
+
+    return chunk_logits
+
+
+@functools.partial(jax.jit, static_argnames=("config", "vocab_chunk"))
+def _score_batch(params, input_ids, attention_mask, targets, target_mask, *, config, vocab_chunk):
+    family = family_for(config.model_type)
+    hidden = family.forward(params, config, input_ids, attention_mask, compute_logits=False).hidden_states[-1]
+    b, s, d = hidden.shape
+    normed = family.final_norm(params, config, hidden).reshape(b * s, d)
+    logprob, is_top = target_logprobs(head_chunks(params, config, normed), config.vocab_size, targets.reshape(-1),
+                                      vocab_chunk)
+    logprob = jnp.sum(jnp.where(target_mask, logprob.reshape(b, s), 0.0), axis=-1)
+    greedy = jnp.all(is_top.reshape(b, s) | ~target_mask, axis=-1)
     return logprob, greedy
 
 
@@ -117,12 +199,15 @@ def score_requests(
     batch_size: int = 8,
     progress: bool = False,
     desc: str = "scoring",
+    vocab_chunk: int | None = None,
 ) -> Scores:
     """Summed log-probability of each continuation given its context, on token ids.
 
     Each sequence ``context + continuation`` keeps its last ``max_length + 1`` tokens; the model reads
     all but the last and predicts the continuation's tokens. Requests are sorted by length so that a
-    batch pads little, and put back in order.
+    batch pads little, and put back in order. The log-softmax streams over the vocabulary in chunks of
+    ``vocab_chunk`` ids (default: ``vocab_chunk_size`` of the batch, under ``LOGITS_CHUNK_BYTES``), so
+    full-vocabulary logits are never held for a batch.
     """
     if max_length < 2 or batch_size < 1:
         raise UsageError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
@@ -180,7 +265,8 @@ def score_requests(
                     collect(pending)
                     pending = None
                 t0 = time.perf_counter()
-            result = _score_batch(params, ids, mask, targets, target_mask, config=config)
+            chunk = vocab_chunk or vocab_chunk_size(rows * length, config.vocab_size, config.hidden_size)
+            result = _score_batch(params, ids, mask, targets, target_mask, config=config, vocab_chunk=chunk)
             if new_shape:
                 jax.block_until_ready(result)
                 warmup_seconds += time.perf_counter() - t0
@@ -239,7 +325,18 @@ def loglikelihoods(params, config, tokenizer, pairs: Sequence[tuple[str, str]], 
 @dataclasses.dataclass
 class TaskResult:
     metrics: dict  # metric -> value, and "n": items (windows for perplexity)
-    scores: Scores  # per-request detail and timing
+    scores: Scores | None  # per-request detail and timing (scoring tasks)
+    generations: Generations | None = None  # each item's greedy continuation and timing (generation tasks)
+
+    def timing(self) -> dict:
+        """Wall time and throughput: input tokens for scoring tasks, generated tokens for generation tasks."""
+        if self.generations is not None:
+            g = self.generations
+            return {"seconds": round(g.seconds, 3), "new_tokens": g.new_tokens,
+                    "tokens_per_second": round(g.tokens_per_second, 1)}
+        s = self.scores
+        return {"seconds": round(s.seconds, 3), "tokens": s.input_tokens,
+                "tokens_per_second": round(s.tokens_per_second, 1)}
 
 
 def perplexity_windows(token_ids: Sequence[int], window: int) -> list[np.ndarray]:
@@ -324,16 +421,30 @@ def lambada(params, config, tokenizer, pairs: Sequence[tuple[str, str]], *, max_
     return TaskResult(metrics, scores)
 
 
+def generation_exact_match(params, config, tokenizer, items: Sequence[tuple[str, str]], *,
+                           max_new_tokens: int = EXACT_MATCH_NEW_TOKENS, batch_size: int = GENERATE_ROWS,
+                           progress: bool = False, desc: str = "generation") -> TaskResult:
+    """``exact_match``: the share of (prompt, answer) items whose greedy continuation is the answer (see
+    ``eval_generation.exact_match``: first line, case and a trailing full stop ignored)."""
+    if not items:
+        raise ReplaceMeError("generation_exact_match needs at least one item")
+    generations = greedy_continuations(params, config, tokenizer, [p for p, _ in items], max_new_tokens=max_new_tokens,
+                                       rows=batch_size, progress=progress, desc=desc)
+    hits = [exact_match(text, answer) for text, (_, answer) in zip(generations.texts, items)]
+    return TaskResult({"exact_match": float(np.mean(hits)), "n": len(items)}, None, generations)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tasks from files
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    kind: str  # "perplexity" | "multiple_choice" | "lambada"
-    files: tuple[str, ...]  # names tried in the data directory
+    kind: str  # "perplexity" | "multiple_choice" | "lambada" | "generation"
+    files: tuple[str, ...]  # names tried in the data directory (in replaceme_jax/eval_tasks/ when bundled)
     prompt: Callable[[str], str] = lambda query: query  # query -> context
     delimiter: str = " "  # put between the context and each choice
+    bundled: bool = False  # the file ships with the package
 
 
 _ANSWER = lambda query: f"{query}\nAnswer:"  # noqa: E731
@@ -348,8 +459,11 @@ TASKS: dict[str, TaskSpec] = {
     "winogrande": TaskSpec("multiple_choice", ("winogrande.jsonl",)),
     "boolq": TaskSpec("multiple_choice", ("boolq.jsonl",), lambda q: f"{q}?\nAnswer:"),
     "openbookqa": TaskSpec("multiple_choice", ("openbook_qa.jsonl", "openbookqa.jsonl")),
+    # 30 few-shot questions with one-word answers (capitals, arithmetic, word knowledge), greedy exact match.
+    "gen_exact": TaskSpec("generation", ("gen_exact.jsonl",), bundled=True),
 }
-TASK_HELP = ", ".join(TASKS) + ", ppl:FILE, mc:FILE"
+TASK_HELP = ", ".join(TASKS) + ", ppl:FILE, mc:FILE, gen:FILE"
+PREFIX_KINDS = {"ppl": "perplexity", "mc": "multiple_choice", "gen": "generation"}
 
 
 @dataclasses.dataclass
@@ -362,6 +476,54 @@ class Task:
     text: str | None = None
     items: list = dataclasses.field(default_factory=list)
     limit: int | None = None  # perplexity: windows to keep (items are cut at load time)
+
+
+def parse_limits(limit, tasks: Sequence[str]) -> dict[str, int | None]:
+    """Per-task limits from ``--limit``: ``N`` (every task), ``TASK=N,...``, or both (``100,wikitext2=8``:
+    8 windows of WikiText-2, 100 items of every other task). Also takes an int or a {task: N} dict.
+    Bad specs are one-line ``UsageError``s that name the culprit."""
+    tasks = list(tasks)
+    if limit is None:
+        return {t: None for t in tasks}
+    if isinstance(limit, dict):
+        entries = [(str(k), v) for k, v in limit.items()]
+    elif isinstance(limit, int) and not isinstance(limit, bool):
+        entries = [(None, limit)]
+    elif isinstance(limit, str):
+        entries = []
+        for part in (p.strip() for p in limit.split(",")):
+            if not part:
+                raise UsageError(f"--limit {limit!r}: empty entry (use N, TASK=N or a comma-separated mix)")
+            task, equals, value = part.rpartition("=")
+            task = task.strip() if equals else None
+            if task == "":
+                raise UsageError(f"--limit {limit!r}: {part!r} names no task (use TASK=N)")
+            try:
+                entries.append((task, int(value.strip())))
+            except ValueError:
+                what = f"{part!r}" if task is None else f"{part!r}: {value.strip()!r}"
+                raise UsageError(f"--limit {limit!r}: {what} is not a whole number (use N, TASK=N or a comma-separated "
+                                 "mix)") from None
+    else:
+        raise UsageError(f"--limit must be a number, TASK=N,... or a dict, got {type(limit).__name__}")
+    default, limits = None, {}
+    for task, value in entries:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"--limit must be at least 1 (got {value!r}" + (f" for {task})" if task else ")"))
+        if task is None:
+            if default is not None:
+                raise UsageError(f"--limit gives two numbers for every task ({default} and {value})")
+            default = value
+        elif task not in tasks:
+            close = difflib.get_close_matches(task, tasks, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"--limit names task {task!r}, which is not in --tasks ({', '.join(tasks) or 'none'})"
+                             + hint)
+        elif task in limits:
+            raise UsageError(f"--limit gives task {task!r} twice")
+        else:
+            limits[task] = value
+    return {t: limits.get(t, default) for t in tasks}
 
 
 def default_data_dir() -> Path | None:
@@ -456,6 +618,14 @@ def _lambada_pair(path: Path, number: int, row: dict) -> tuple[str, str]:
     return context, word if word[:1].isspace() else " " + word
 
 
+def _generation_item(path: Path, number: int, row: dict) -> tuple[str, str]:
+    prompt = _field(path, number, row, "prompt", str)
+    answer = _field(path, number, row, "answer", str)
+    if not answer.strip():
+        raise ReplaceMeError(f"{path}:{number}: empty answer")
+    return prompt, answer
+
+
 def _document(path: Path, task_name: str) -> str:
     text = _read_text(path)
     if task_name == "wikitext2":  # shared/data/README.md: CRLF rows, the usual document is "\n\n".join(rows)
@@ -475,15 +645,22 @@ def _resolve_file(name: str, data_dir: Path | None) -> Path:
 
 
 def load_task(name: str, data_dir: str | Path | None = None, limit: int | None = None) -> Task:
-    """Read a task: a name from ``TASKS`` (file in ``data_dir``), ``ppl:FILE`` or ``mc:FILE``."""
+    """Read a task: a name from ``TASKS`` (file in ``data_dir``, or bundled), ``ppl:FILE``, ``mc:FILE`` or
+    ``gen:FILE`` (jsonl of ``{"prompt": ..., "answer": ...}``)."""
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {limit})")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     prefix, _, rest = name.partition(":")
-    if rest and prefix in ("ppl", "mc"):
+    if rest and prefix in PREFIX_KINDS:
         path = _resolve_file(rest, data_dir)
         spec = None
-        kind = "perplexity" if prefix == "ppl" else "multiple_choice"
+        kind = PREFIX_KINDS[prefix]
+    elif name in TASKS and TASKS[name].bundled:
+        spec = TASKS[name]
+        kind = spec.kind
+        path = bundled_task_file(spec.files[0])
+        if not path.is_file():
+            raise ReplaceMeError(f"{path}: bundled task file is missing (reinstall the package)")
     elif name in TASKS:
         spec = TASKS[name]
         kind = spec.kind
@@ -505,10 +682,12 @@ def load_task(name: str, data_dir: str | Path | None = None, limit: int | None =
         if not task.text.strip():
             raise ReplaceMeError(f"{path}: no text")
         return task
+    read_item = {"lambada": _lambada_pair, "generation": _generation_item}.get(
+        kind, lambda path, number, row: _mc_item(path, number, row, spec))
     for number, row in _jsonl_rows(path):
         if limit is not None and len(task.items) >= limit:
             break
-        task.items.append(_lambada_pair(path, number, row) if kind == "lambada" else _mc_item(path, number, row, spec))
+        task.items.append(read_item(path, number, row))
     if not task.items:
         raise ReplaceMeError(f"{path}: no items")
     return task
@@ -521,6 +700,8 @@ def run_task(params, config, tokenizer, task: Task, *, max_length: int = 1024, b
         return perplexity(params, config, tokenizer, task.text, limit=task.limit, **kwargs)
     if task.kind == "lambada":
         return lambada(params, config, tokenizer, task.items, **kwargs)
+    if task.kind == "generation":  # short prompts: decoded GENERATE_ROWS at a time, not --batch-size
+        return generation_exact_match(params, config, tokenizer, task.items, progress=progress, desc=task.name)
     return multiple_choice(params, config, tokenizer, task.items, **kwargs)
 
 
@@ -537,12 +718,26 @@ def _model_name(src: str, taken: dict) -> str:
     return name
 
 
-def run_evaluation(models: Sequence[str], tasks: str | Sequence[str], *, data_dir: str | Path | None = None,
-                   limit: int | None = None, max_length: int = 1024, batch_size: int = 8,
-                   output: str | Path | None = None, progress: bool = True) -> dict:
-    """Evaluate each model on each task; write the JSON report (and a bar chart beside it) if asked.
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts of a ``--generate`` file: one a line, exactly as written; blank lines are skipped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ReplaceMeError(f"{path}: no such file (--generate)")
+    prompts = [line for line in _read_text(path).splitlines() if line.strip()]
+    if not prompts:
+        raise ReplaceMeError(f"{path}: no prompts (one a line)")
+    return prompts
 
-    Task files are read and checked before any model is loaded, so a typo fails fast.
+
+def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, data_dir: str | Path | None = None,
+                   limit: int | str | dict | None = None, max_length: int = 1024, batch_size: int = 8,
+                   output: str | Path | None = None, progress: bool = True, generate: str | Path | None = None,
+                   max_new_tokens: int = 32) -> dict:
+    """Evaluate each model on each task, and greedily continue each prompt of ``generate`` (a file, one
+    prompt a line) with each model; write the JSON report (and a bar chart beside it) if asked.
+
+    ``limit``: see ``parse_limits`` (one number for every task, or per task). Task files and prompts are
+    read and checked before any model is loaded, so a typo fails fast.
     """
     from replaceme_jax.conversion import load_model, load_tokenizer
 
@@ -550,14 +745,26 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str], *, data_di
         raise UsageError("no model given")
     if max_length < 2 or batch_size < 1:
         raise UsageError(f"--max-length must be >= 2 and --batch-size >= 1 (got {max_length}, {batch_size})")
-    loaded_tasks = [load_task(name, data_dir, limit) for name in parse_task_list(tasks)]
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    has_tasks = bool(tasks.strip()) if isinstance(tasks, str) else bool(tasks)
+    if not has_tasks and generate is None:
+        raise UsageError(f"nothing to evaluate: give --tasks ({TASK_HELP}), --generate FILE, or both")
+    names = parse_task_list(tasks) if has_tasks else []
+    limits = parse_limits(limit, names)
+    loaded_tasks = [load_task(name, data_dir, limits[name]) for name in names]
+    prompts = read_prompts(generate) if generate is not None else []
     from replaceme_jax.conversion.model_io import check_model_source
 
     for src in models:  # a bad second model fails now, not after the first one is scored
         check_model_source(src)
     settings = {"tasks": [t.name for t in loaded_tasks], "files": {t.name: str(t.path) for t in loaded_tasks},
-                "limit": limit, "max_length": max_length, "batch_size": batch_size, "backend": jax.default_backend()}
+                "limit": limit, "limits": limits, "max_length": max_length, "batch_size": batch_size,
+                "backend": jax.default_backend()}
+    if generate is not None:
+        settings.update(generate=str(generate), max_new_tokens=max_new_tokens)
     report = {"settings": settings, "models": {}}
+    continuations = []  # per model, in the order of `models`
     for src in models:
         start = time.perf_counter()
         model = load_model(src)
@@ -571,20 +778,32 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str], *, data_di
         for task in loaded_tasks:
             result = run_task(model.params, config, tokenizer, task, max_length=max_length, batch_size=batch_size,
                               progress=progress)
-            scores = result.scores
             entry["results"][task.name] = result.metrics
-            entry["timing"][task.name] = {"seconds": round(scores.seconds, 3), "tokens": scores.input_tokens,
-                                          "tokens_per_second": round(scores.tokens_per_second, 1)}
+            entry["timing"][task.name] = timing = result.timing()
+            if result.generations is not None:
+                entry.setdefault("outputs", {})[task.name] = result.generations.texts
             log.info("%s %s: %s (%.1f s, %.0f tokens/s)", src, task.name,
-                     ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()), scores.seconds,
-                     scores.tokens_per_second)
+                     ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()), timing["seconds"],
+                     timing["tokens_per_second"])
+        if prompts:
+            generations = greedy_continuations(model.params, config, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                               progress=progress, desc="generate")
+            continuations.append(generations.texts)
+            entry["timing"]["generate"] = TaskResult({}, None, generations).timing()
+            log.info("%s: %d greedy continuations (%.1f s)", src, len(prompts), generations.seconds)
         report["models"][_model_name(str(src), report["models"])] = entry
         del model, tokenizer
+    if prompts:
+        names_by_order = list(report["models"])
+        report["generation"] = {"file": str(generate), "max_new_tokens": max_new_tokens, "items": [
+            {"prompt": prompt, "continuations": {name: texts[i] for name, texts in zip(names_by_order, continuations)}}
+            for i, prompt in enumerate(prompts)]}
     if output is not None:
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")
-        plot_report(report, output.with_suffix(".png"))
+        if _rows(report):
+            plot_report(report, output.with_suffix(".png"))
     return report
 
 
@@ -595,7 +814,10 @@ def _rows(report: dict) -> list[tuple[str, str, int]]:
 
 
 def markdown_table(report: dict) -> str:
-    """Models side by side; every model after the first also shows its score as % of the first's."""
+    """Models side by side; every model after the first also shows its score as % of the first's.
+    Empty when the report has no task results (``generation_table`` shows continuations)."""
+    if not _rows(report):
+        return ""
     names = list(report["models"])
     lines = ["| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
     for task, metric, n in _rows(report):
