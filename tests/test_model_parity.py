@@ -1,6 +1,7 @@
 """The JAX decoders equal `transformers` PyTorch on tiny random models."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -68,3 +69,44 @@ def test_num_layers_stops_early(tmp_path):
     full = llama.forward(model.params, model.config, ids, mask, collect_layers=True, compute_logits=False)
     two = llama.forward(model.params, model.config, ids, mask, num_layers=2, compute_logits=False)
     np.testing.assert_array_equal(np.asarray(two.hidden_states[-1]), np.asarray(full.hidden_states[2]))
+
+
+def forward_with_explicit_map(params, config, ids, mask, start, end, T):
+    """The unmerged model: layers before the block, ``h = Y + M T`` at layer ``start - 1``, the block
+    skipped, the rest. Any family, through its own layer function."""
+    family = family_for(config.model_type)
+    ctx = family.attention_context(config, ids.shape, mask)
+    h = family.embed(params, ids)
+    for i, layer in enumerate(params["layers"]):
+        if start <= i < end:
+            continue
+        h_next, y, m = family.decoder_layer(layer, config, i, h, ctx)
+        h = y + m @ jnp.asarray(T, jnp.float32) if i == start - 1 else h_next
+    return family.lm_head(params, config, family.final_norm(params, config, h))
+
+
+@pytest.mark.parametrize("name", ["llama:llama_mha_untied_bias", "moe:mixtral", "moe:qwen2_moe_shared",
+                                  "moe:olmoe_clip_bias"])
+def test_fold_output_map_is_exact_merged_model_equals_explicit_map(tmp_path, name):
+    """Folding T into the MLP branch (fold_output_map: down_proj with its bias; every routed expert's
+    and the shared expert's down_proj) gives the model with ``M T`` applied explicitly."""
+    from replaceme_jax.replaceme.merge import replace_block
+    from tests.moe_helpers import MOE_CONFIGS, make_moe_model
+
+    kind, key = name.split(":")
+    if kind == "moe":
+        model_type, overrides = MOE_CONFIGS[key]
+        make_moe_model(tmp_path, model_type, **dict(overrides, num_hidden_layers=4))
+    else:
+        model_type, overrides = FAMILY_CONFIGS[key]
+        make_model(tmp_path, model_type, tokenizer=False, **dict(overrides, num_hidden_layers=4))
+    model = load_model(tmp_path)
+    T = np.eye(32) + 0.1 * np.random.default_rng(0).standard_normal((32, 32))
+    params, config = replace_block(model.params, model.config, 2, 3, T)
+    ids, mask = random_batch(model.config.vocab_size, [16, 9], seed=1)
+    with jax.default_matmul_precision("highest"):
+        merged = family_for(config.model_type).forward(params, config, ids, mask).logits
+        explicit = forward_with_explicit_map(model.params, model.config, ids, mask, 2, 3, T)
+    valid = mask.astype(bool)
+    # the two differ only by float32 rounding of (z W) T against z (W T)
+    np.testing.assert_allclose(np.asarray(merged)[valid], np.asarray(explicit)[valid], atol=2e-5)
