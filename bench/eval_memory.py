@@ -152,7 +152,7 @@ def worker(args) -> dict:
     import jax
     import numpy as np
 
-    import replaceme_jax.evaluate as ev
+    import replaceme_jax.evaluation as ev
     from replaceme_jax.conversion import load_model, load_tokenizer
 
     result = {"mode": args.worker, "model": str(args.model)}
@@ -236,7 +236,7 @@ def check(model_dir: Path, tasks: list[str], limit: str, max_length: int, batch_
     times of the last round are kept: both compiled, the machine's load shared alike."""
     import numpy as np
 
-    import replaceme_jax.evaluate as ev
+    import replaceme_jax.evaluation as ev
     from replaceme_jax.conversion import load_model, load_tokenizer
 
     model = load_model(str(model_dir))

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from replaceme_jax.conversion import load_model, load_tokenizer  # noqa: E402
-from replaceme_jax import evaluate as ev  # noqa: E402
+from replaceme_jax import evaluation as ev  # noqa: E402
 
 REFERENCE = {"wikitext2": ("perplexity", 24.40, 40), "arc_easy": ("acc_norm", 0.460, 200)}
 RELATIVE_TOLERANCE = 0.005

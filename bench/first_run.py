@@ -22,7 +22,7 @@ import numpy as np
 
 from replaceme_jax.config import CompressConfig, load_config
 from replaceme_jax.conversion import load_model, load_tokenizer
-from replaceme_jax.evaluate import run_evaluation
+from replaceme_jax.evaluation import run_evaluation
 from replaceme_jax.generate import Sampling, generate
 from replaceme_jax.replaceme.pipeline import compress
 

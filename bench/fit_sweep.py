@@ -20,7 +20,7 @@ from replaceme_jax.capture import CaptureSpec, RowPolicy, run_capture
 from replaceme_jax.config import CompressConfig, from_dict
 from replaceme_jax.conversion import load_model, load_tokenizer
 from replaceme_jax.data import batches_for, calibration_sequences, split_heldout
-from replaceme_jax.evaluate import load_task, run_task
+from replaceme_jax.evaluation import load_task, run_task
 from replaceme_jax.replaceme.merge import replace_block
 from replaceme_jax.replaceme.selection import candidate_starts
 from replaceme_jax.replaceme.solvers import lstsq_from_normal_equations

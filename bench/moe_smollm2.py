@@ -68,7 +68,7 @@ def compress(name: str, keys: dict, moe_dir: Path, work: Path) -> dict:
 
 def evaluate(source: str, limit: int, windows: int, batch_size: int) -> dict:
     from replaceme_jax.conversion import load_model, load_tokenizer
-    from replaceme_jax.evaluate import load_task, run_task
+    from replaceme_jax.evaluation import load_task, run_task
 
     model = load_model(source)
     tokenizer = load_tokenizer(model)

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from replaceme_jax.conversion import LoadedModel, export_hf, load_model, load_tokenizer  # noqa: E402
-from replaceme_jax import evaluate as ev  # noqa: E402
+from replaceme_jax import evaluation as ev  # noqa: E402
 from replaceme_jax.data import load_calibration, make_batches, pad_token_id  # noqa: E402
 from replaceme_jax.models import llama, moe  # noqa: E402
 from replaceme_jax.models.common import rms_norm  # noqa: E402

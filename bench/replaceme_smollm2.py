@@ -46,7 +46,7 @@ TASKS = ("wikitext2", "lambada_openai", "arc_easy", "piqa", "hellaswag", "winogr
 
 
 def evaluate_params(params, config, tokenizer, tasks, limit, windows, batch_size):
-    from replaceme_jax.evaluate import load_task, run_task
+    from replaceme_jax.evaluation import load_task, run_task
 
     results = {}
     for name in tasks:

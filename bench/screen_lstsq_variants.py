@@ -17,7 +17,7 @@ import numpy as np
 from replaceme_jax.conversion import load_model, load_tokenizer
 from replaceme_jax.capture import CaptureSpec, RowPolicy, run_capture
 from replaceme_jax.config import CompressConfig, from_dict
-from replaceme_jax.evaluate import load_task, run_task
+from replaceme_jax.evaluation import load_task, run_task
 from replaceme_jax.replaceme import lstsq_from_normal_equations, replace_block
 from replaceme_jax.data import calibration_batches
 

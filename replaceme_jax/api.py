@@ -113,7 +113,7 @@ def distances(model: ModelLike, data: DataLike = None, *, tokenizer=None, **opti
 def evaluate(models: Sequence[str | Path], tasks: str | Sequence[str], **options) -> dict:
     """Score saved models (paths or built-in names) on tasks, as ``replaceme-jax evaluate``; returns
     the report dict (``options``: ``limit``, ``max_length``, ``batch_size``, ``data_dir``, ``output``)."""
-    from replaceme_jax.evaluate import run_evaluation
+    from replaceme_jax.evaluation import run_evaluation
 
     return run_evaluation([str(m) for m in models], tasks, **options)
 

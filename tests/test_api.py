@@ -157,3 +157,15 @@ def test_import_is_light():
     code = "import sys, replaceme_jax; print('jax' in sys.modules, 'flax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_evaluate_is_the_api_function_and_scores_a_saved_model(model_dir, tmp_path):
+    import replaceme_jax.evaluation  # noqa: F401  (importing the module must not shadow the function)
+
+    assert callable(rj.evaluate) and rj.evaluate.__module__ == "replaceme_jax.api"
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(texts(20)))
+    report = rj.evaluate([model_dir], [f"ppl:{text}"], max_length=32)
+    (entry,) = report["models"].values()
+    (result,) = entry["results"].values()
+    assert np.isfinite(result["perplexity"]) and result["perplexity"] > 1

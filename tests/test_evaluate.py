@@ -10,7 +10,7 @@ import torch
 
 from replaceme_jax.conversion import load_model, load_tokenizer
 from replaceme_jax import cli
-import replaceme_jax.evaluate as ev  # the module (the package's lazy `evaluate` is the API function)
+import replaceme_jax.evaluation as ev
 from replaceme_jax.errors import ReplaceMeError, UsageError
 from tests.helpers import WORDS, make_model
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import replaceme_jax.evaluate as ev  # the module (the package's lazy `evaluate` is the API function)
+import replaceme_jax.evaluation as ev
 from replaceme_jax import cli
 from replaceme_jax import eval_generation as gen
 from replaceme_jax.conversion import load_model, load_tokenizer

@@ -39,7 +39,7 @@ def sequence_nll(params, config, sequences: Sequence[np.ndarray], *, batch_size:
                  max_length: int = 1024) -> tuple[float, int]:
     """Summed next-token negative log-likelihood of each whole sequence (its first token is context
     only) and the number of predicted tokens, through the model ``params``/``config``."""
-    from replaceme_jax.evaluate import score_requests
+    from replaceme_jax.evaluation import score_requests
 
     requests = [(s[:1], s[1:]) for s in sequences if len(s) >= 2]
     if not requests:
