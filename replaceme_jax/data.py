@@ -19,6 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError, UsageError
+from replaceme_jax.tokens import pad_token_id
 
 log = logging.getLogger(__name__)
 
@@ -246,18 +247,6 @@ def load_texts(
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizing
-
-
-def pad_token_id(tokenizer) -> int:
-    """The pad id: the tokenizer's pad token, else EOS (as the reference does), else 0.
-
-    Which id pads does not change any result here (pads are masked); it only matters to reproduce a
-    reference run that fits on pad rows too.
-    """
-    for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if tid is not None:
-            return int(tid)
-    return 0
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int, add_bos: bool | None = None) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from replaceme_jax.data import pad_token_id
+from replaceme_jax.tokens import pad_token_id
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.generate import Sampling, generate, start_token_id
 from replaceme_jax.progress import progress_bar

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from replaceme_jax import interrupt
-from replaceme_jax.data import pad_token_id
+from replaceme_jax.tokens import pad_token_id
 from replaceme_jax.errors import ReplaceMeError, UnsupportedModelError
 from replaceme_jax.progress import progress_bar
 from replaceme_jax.models import FAMILIES, family_for, llama, moe

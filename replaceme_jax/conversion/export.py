@@ -12,7 +12,7 @@ import numpy as np
 
 from replaceme_jax.conversion.atomic import atomic_output_dir
 from replaceme_jax.conversion.maps import WEIGHT_MAPS
-from replaceme_jax.conversion.model_io import TOKENIZER_FILES, LoadedModel, dtype_name, parse_dtype
+from replaceme_jax.conversion.core import TOKENIZER_FILES, LoadedModel, dtype_name, parse_dtype
 from replaceme_jax.conversion.weight_map import flatten_params, param_to_hf_keys, to_hf_layout
 from replaceme_jax import interrupt
 from replaceme_jax.errors import ReplaceMeError

@@ -14,7 +14,7 @@ import numpy as np
 
 from replaceme_jax.conversion.gguf_metadata import gguf_architecture, gguf_hf_config, open_gguf, read_metadata
 from replaceme_jax.conversion.maps import GGUF_NAME_MAPS, WEIGHT_MAPS
-from replaceme_jax.conversion.model_io import LoadedModel, ParamFiller, PlaceFn, default_place, parse_dtype
+from replaceme_jax.conversion.core import LoadedModel, ParamFiller, PlaceFn, default_place, parse_dtype
 from replaceme_jax.conversion.weight_map import hf_key_to_param
 from replaceme_jax.errors import CheckpointError, UnsupportedModelError
 from replaceme_jax.models import family_for

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 
 from replaceme_jax.conversion.atomic import atomic_output_dir
-from replaceme_jax.conversion.model_io import LoadedModel, dtype_name, parse_dtype
+from replaceme_jax.conversion.core import LoadedModel, dtype_name, parse_dtype
 from replaceme_jax.errors import CheckpointError
 from replaceme_jax.models import family_for
 from replaceme_jax.models.common import abstract_params
