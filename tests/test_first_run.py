@@ -288,3 +288,21 @@ def test_checkpoint_saves_print_no_orbax_chatter(tmp_path, model_dir):
     assert proc.returncode == 0, proc.stderr
     noisy = [line for line in proc.stderr.splitlines() if "absl" in line or "orbax" in line.lower()]
     assert not noisy, noisy[:5]
+
+
+def test_perplexity_chart_uses_a_log_axis(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from replaceme_jax.evaluation import plot_report
+
+    saved = []
+    original_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), original_savefig(self, *a, **k)))
+    report = {"models": {name: {"results": {"wikitext2": {"perplexity": ppl, "n": 8},
+                                            "arc_easy": {"acc": 0.4, "acc_norm": 0.45, "n": 8}}}
+                         for name, ppl in (("original", 29.5), ("pruned", 458788.0))}}
+    plot_report(report, tmp_path / "chart.png")
+    (figure,) = saved
+    scales = {ax.get_title(): ax.get_yscale() for ax in figure.axes}
+    assert scales == {"accuracy": "linear", "perplexity (lower is better)": "log"}
+    assert (tmp_path / "chart.png").stat().st_size > 0
