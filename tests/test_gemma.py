@@ -287,3 +287,115 @@ def test_real_gemma3_270m_gguf_matches_transformers(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     short = ids[2:, :len(prompt)], mask[2:, :len(prompt)]
     np.testing.assert_allclose(torch_logits(reloaded, *short), torch_logits(reference, *short), atol=1e-4)
+
+
+# --- ReplaceMe through the post-MLP norm ---------------------------------------------------------------
+
+
+def _realizable_map(layer, rng, dim):
+    """A map of the form diag(g)^-1 Q diag(s) (Q orthogonal): what folds exactly."""
+    g = 1.0 + np.asarray(layer["post_feedforward_layernorm"]["scale"], np.float64)
+    Q = np.linalg.qr(np.eye(dim) + 0.3 * rng.standard_normal((dim, dim)))[0]
+    s = 1.0 + 0.5 * rng.random(dim)
+    return (Q * s[None, :]) / g[:, None]
+
+
+@pytest.mark.parametrize("name", ["gemma2_softcap", "gemma3_text"])
+def test_merged_model_equals_explicit_map_for_maps_the_norm_allows(tmp_path, name):
+    """T = diag(g)^-1 Q diag(s) folds exactly: Q into down_proj (RMSNorm(z Q) = RMSNorm(z) Q), s into the
+    post-MLP norm; the merged model is the unmerged one with M T applied explicitly."""
+    from tests.test_model_parity import forward_with_explicit_map
+
+    model_type, overrides = GEMMA_CONFIGS[name]
+    make_model(tmp_path, model_type, tokenizer=False, **dict(overrides, num_hidden_layers=4, layer_types=None))
+    model = load_model(tmp_path)
+    T = _realizable_map(model.params["layers"][1], np.random.default_rng(0), 32)
+    assert np.allclose(gemma.realizable_output_map(model.params["layers"][1], model.config, T), T)
+    params, config = replace_block(model.params, model.config, 2, 3, T)
+    ids, mask = random_batch(model.config.vocab_size, [16, 9], seed=1)
+    with jax.default_matmul_precision("highest"):
+        merged = np.asarray(family_for(model_type).forward(params, config, ids, mask).logits)
+        explicit = np.asarray(forward_with_explicit_map(model.params, model.config, ids, mask, 2, 3, T))
+    valid = mask.astype(bool)
+    # float32 rounding of (z W) Q against z (W Q) and of the folded scale
+    np.testing.assert_allclose(merged[valid], explicit[valid], atol=2e-5)
+
+
+def test_other_maps_are_replaced_by_the_realizable_one_validation_scores(tmp_path):
+    """A T the norm cannot carry is written as ``realizable_output_map(T)``, and the held-out
+    evaluator scores exactly that map: its perplexity is the merged model's."""
+    from replaceme_jax.replaceme.validation import HeldoutEvaluator, sequence_nll
+    from replaceme_jax.replaceme.validation import perplexity as ppl
+    from tests.test_model_parity import forward_with_explicit_map
+
+    model_type, overrides = GEMMA_CONFIGS["gemma3_text"]
+    make_model(tmp_path, model_type, tokenizer=False, **dict(overrides, num_hidden_layers=4, layer_types=None))
+    model = load_model(tmp_path)
+    layer = model.params["layers"][1]
+    T = np.eye(32) + 0.2 * np.random.default_rng(0).standard_normal((32, 32))
+    R = gemma.realizable_output_map(layer, model.config, T)
+    assert not np.allclose(R, T) and gemma.decompose_output_map(layer, model.config, R) is not None
+    params, config = replace_block(model.params, model.config, 2, 3, T)
+    ids, mask = random_batch(model.config.vocab_size, [16, 9], seed=1)
+    with jax.default_matmul_precision("highest"):
+        merged = np.asarray(family_for(model_type).forward(params, config, ids, mask).logits)
+        explicit = np.asarray(forward_with_explicit_map(model.params, model.config, ids, mask, 2, 3, R))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(merged[valid], explicit[valid], atol=2e-5)
+
+    class Batch:
+        input_ids, attention_mask = ids, mask
+
+    sequences = [ids[r, :int(mask[r].sum())] for r in range(len(ids))]
+    evaluator = HeldoutEvaluator(model.params, model.config, 2, 3, [Batch])
+    assert evaluator.perplexity(T) == pytest.approx(ppl(*sequence_nll(params, config, sequences)), rel=1e-5)
+
+
+def test_orthogonal_scaled_fit_recovers_a_planted_map_and_beats_the_data_free_projection():
+    rng = np.random.default_rng(0)
+    n, d = 2000, 16
+    R = rng.standard_normal((n, d)) * np.linspace(0.2, 3.0, d)[None, :]  # anisotropic rows
+    Q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    s = 0.5 + rng.random(d)
+    target = R @ Q * s[None, :]
+    A, B = R.T @ R, R.T @ target
+    Q_fit, s_fit = gemma.fit_orthogonal_scaled(A, B, np.eye(d), iterations=500)
+    np.testing.assert_allclose((Q_fit * s_fit) , Q * s, atol=1e-6)
+    # with noise the data-aware fit is at least as good as projecting the unconstrained lstsq map
+    noisy = target + 0.5 * rng.standard_normal((n, d))
+    A, B = R.T @ R, R.T @ noisy
+    T_free = np.linalg.solve(A, B)
+    layer = {"post_feedforward_layernorm": {"scale": np.zeros(d)}}
+    err = lambda T: np.sum((R @ T - noisy) ** 2)  # noqa: E731
+    fitted = gemma.realizable_output_map(layer, None, T_free, A, B)
+    projected = gemma.realizable_output_map(layer, None, T_free)
+    assert err(fitted) <= err(projected) + 1e-9 and err(T_free) <= err(fitted)
+
+
+@pytest.mark.parametrize("name", ["gemma2_softcap", "gemma3_text"])
+def test_compress_writes_a_plain_gemma_whose_logits_are_the_validated_model(tmp_path, name):
+    """The whole pipeline on a tiny Gemma: the exported directory is a Gemma transformers loads, with the
+    block removed, and its held-out perplexity is the one validation reported for the chosen T."""
+    from replaceme_jax.replaceme.pipeline import compress
+    from tests.test_replaceme import run_config
+
+    model_type, overrides = GEMMA_CONFIGS[name]
+    make_model(tmp_path / "m", model_type, **dict(overrides, num_hidden_layers=6, layer_types=None))
+    result = compress(run_config(tmp_path, tmp_path / "m", first_token_rows="exclude", alpha=0.1))
+    (start, end), = result.report["blocks"]
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert pruned.config.num_hidden_layers == 4 and type(pruned).__name__.startswith("Gemma")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    original = load_model(tmp_path / "m")
+    assert written["layer_types"] == [t for i, t in enumerate(original.config.layer_types) if not start <= i < end]
+    block = result.blocks[0]
+    ours = load_model(tmp_path / "out")
+    expected, config = replace_block(original.params, original.config, start, end, block.T)
+    ids, mask = random_batch(original.config.vocab_size, [14, 6], seed=3)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(torch_logits(pruned, ids, mask)[valid],
+                               ours_logits(original, ids, mask, expected, config)[valid], atol=ATOL)
+    if block.T is not None:  # what was written is exactly a map the norm can carry
+        layer = original.params["layers"][start - 1]
+        realized = gemma.realizable_output_map(layer, original.config, block.T)
+        assert gemma.decompose_output_map(layer, original.config, realized) is not None

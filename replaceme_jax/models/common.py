@@ -69,15 +69,13 @@ class IfPresent:
     value: Any
 
 
-# (array, T) -> array @ T: how a fold multiplies a weight by a map (see ``right_multiply``).
-MatmulFn = Callable[[Any, np.ndarray], Any]
+# (array, f) -> f(array as float64 on host), cast back to the array's dtype: how a fold rewrites a weight.
+# Merging passes one that keeps a sharded array's layout; ``host_rewrite`` is the plain one.
+HostRewrite = Callable[[Any, Callable[[np.ndarray], np.ndarray]], Any]
 
 
-def right_multiply(value, T: np.ndarray):
-    """``value @ T`` in float64 on host, cast back to ``value``'s dtype (a stacked ``[E, I, D]`` kernel
-    is multiplied slice by slice)."""
-    merged = np.asarray(value, np.float64) @ np.asarray(T, np.float64)
-    return jnp.asarray(merged.astype(value.dtype))
+def host_rewrite(value, fn: Callable[[np.ndarray], np.ndarray]):
+    return jnp.asarray(np.asarray(fn(np.asarray(value, np.float64))).astype(value.dtype))
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

@@ -34,11 +34,11 @@ from replaceme_jax.errors import UnsupportedModelError
 from replaceme_jax.models import llama
 from replaceme_jax.models.common import (
     DROP_FIELD,
+    HostRewrite,
     IfPresent,
-    MatmulFn,
     ParamSpec,
     Params,
-    right_multiply,
+    host_rewrite,
     rope_inverse_frequencies,
     rotary_cos_sin,
 )
@@ -371,8 +371,105 @@ def forward(
 
 # ---------------------------------------------------------------------------------------------
 # Folding a map on the MLP branch
+#
+# M = RMSNorm(z) * g with z the MLP output and g = 1 + w the post-MLP norm's scale. A map M -> M T folds
+# into the weights exactly when T = diag(g)^-1 Q diag(s) with Q orthogonal: RMSNorm(z Q) = RMSNorm(z) Q
+# (Q keeps every row's norm), so Q goes into down_proj and s becomes the norm's scale. BENCHMARKS.md
+# ("Gemma 2 / Gemma 3") compares this with the other ways through the norm.
 
 
-def fold_output_map(layer: dict, c: GemmaConfig, T: np.ndarray, matmul: MatmulFn = right_multiply) -> dict:
-    """Not written yet (issue 13: which fold through the post-MLP norm)."""
-    raise UnsupportedModelError(f"folding a map into a {c.model_type} layer is not supported yet")
+def _branch_scale(layer: dict) -> np.ndarray:
+    return 1.0 + np.asarray(layer["post_feedforward_layernorm"]["scale"], np.float64)
+
+
+def _polar(a: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(a)
+    return u @ vt
+
+
+def decompose_output_map(layer: dict, c: GemmaConfig, T: np.ndarray, tol: float = 1e-6):
+    """``(Q, s)`` with ``T = diag(g)^-1 Q diag(s)``, Q orthogonal to ``tol``; None when T has no such form."""
+    T_R = _branch_scale(layer)[:, None] * np.asarray(T, np.float64)
+    s = np.linalg.norm(T_R, axis=0)
+    if np.any(s == 0):
+        return None
+    Q = T_R / s[None, :]
+    if np.max(np.abs(Q.T @ Q - np.eye(len(s)))) > tol:
+        return None
+    return Q, s
+
+
+def _orthogonal_scaled_objective(A: np.ndarray, B: np.ndarray, Q: np.ndarray):
+    """For a fixed Q: the best s, ``tr(S Q^T A Q S) - 2 tr(S Q^T B)`` at it, and its Riemannian gradient."""
+    AQ = A @ Q
+    den = np.einsum("ij,ij->j", Q, AQ)
+    num = np.einsum("ij,ij->j", Q, B)
+    s = num / np.maximum(den, 1e-300)
+    grad = 2 * (AQ * s**2 - B * s)
+    sym = Q.T @ grad
+    return -float(np.sum(num * s)), s, grad - Q @ (0.5 * (sym + sym.T))
+
+
+def _retract(x: np.ndarray) -> np.ndarray:
+    q, r = np.linalg.qr(x)
+    return q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
+
+
+def fit_orthogonal_scaled(A: np.ndarray, B: np.ndarray, Q0: np.ndarray, iterations: int = 300):
+    """``min ||R Q diag(s) - target||^2`` over orthogonal Q and diagonal s from the normal equations of
+    the rows R (``A = R^T R``, ``B = R^T target``): s in closed form for each Q, Q by Riemannian gradient
+    descent (Barzilai-Borwein steps, a step that does not descend is halved; QR retraction) from the
+    better of ``Q0`` and ``polar(B)``. Returns ``(Q, s)``."""
+    A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    Q = min((_polar(Q0), _polar(B)), key=lambda q: _orthogonal_scaled_objective(A, B, q)[0])
+    f, s, xi = _orthogonal_scaled_objective(A, B, Q)
+    eta = 1.0 / (2 * np.linalg.eigvalsh(A)[-1] * max(float(np.max(s**2)), 1e-300))
+    for _ in range(iterations):
+        Qn = _retract(Q - eta * xi)
+        fn, sn, xin = _orthogonal_scaled_objective(A, B, Qn)
+        if fn > f:
+            eta *= 0.5
+            continue
+        dQ, dxi = Qn - Q, xin - xi
+        curvature = float(np.sum(dQ * dxi))
+        eta = abs(float(np.sum(dQ * dQ)) / curvature) if curvature != 0 else eta
+        Q, f, s, xi = Qn, fn, sn, xin
+    return Q, s
+
+
+def realizable_output_map(layer: dict, c: GemmaConfig, T: np.ndarray, A: np.ndarray | None = None,
+                          B: np.ndarray | None = None, iterations: int = 300) -> np.ndarray:
+    """The map on M that ``fold_output_map`` writes for ``T``: T itself when it folds exactly, else the
+    nearest ``diag(g)^-1 Q diag(s)``. With the fit's normal equations of M (``A = M^T M``,
+    ``B = M^T (h_end - Y)``) "nearest" is on the data (``fit_orthogonal_scaled`` from T's polar factor);
+    without them, in the Frobenius norm of ``diag(g) T`` (polar factor and per-column scale, alternated)."""
+    T = np.asarray(T, np.float64)
+    if decompose_output_map(layer, c, T) is not None:
+        return T
+    g = _branch_scale(layer)
+    T_R = g[:, None] * T
+    if A is not None and B is not None:
+        # M = R diag(g): the normal equations of the normalised rows R
+        Q, s = fit_orthogonal_scaled(np.asarray(A) / np.outer(g, g), np.asarray(B) / g[:, None], T_R, iterations)
+    else:
+        Q = _polar(T_R)
+        for _ in range(30):
+            s = np.einsum("ij,ij->j", Q, T_R)
+            Q = _polar(T_R * s[None, :])
+        s = np.einsum("ij,ij->j", Q, T_R)
+    return (Q * s[None, :]) / g[:, None]
+
+
+def fold_output_map(layer: dict, c: GemmaConfig, T: np.ndarray, rewrite: HostRewrite = host_rewrite) -> dict:
+    """The layer with ``M -> M T`` written into its weights: ``T = diag(g)^-1 Q diag(s)`` becomes
+    ``down_proj @ Q`` and the post-MLP norm scale ``s`` (weight ``s - 1``); exact. A T of another form is
+    first replaced by ``realizable_output_map(layer, c, T)`` (validation scores that same map)."""
+    parts = decompose_output_map(layer, c, T) or decompose_output_map(layer, c, realizable_output_map(layer, c, T))
+    Q, s = parts
+    layer = dict(layer)
+    mlp = dict(layer["mlp"])
+    mlp["down_proj"] = {name: rewrite(value, lambda a: a @ Q) for name, value in mlp["down_proj"].items()}
+    layer["mlp"] = mlp
+    layer["post_feedforward_layernorm"] = {
+        "scale": rewrite(layer["post_feedforward_layernorm"]["scale"], lambda a: s - 1.0)}
+    return layer

@@ -18,11 +18,11 @@ import numpy as np
 from replaceme_jax.errors import UnsupportedModelError
 from replaceme_jax.models.common import (
     SUPPORTED_ROPE_TYPES,
-    MatmulFn,
+    HostRewrite,
     ParamSpec,
     Params,
     apply_rotary,
-    right_multiply,
+    host_rewrite,
     rms_norm,
     rope_inverse_frequencies,
     rotary_cos_sin,
@@ -384,13 +384,20 @@ def decoder_layer(
     return h_next, y, m
 
 
-def fold_output_map(layer: dict, c: LlamaConfig, T: np.ndarray, matmul: MatmulFn = right_multiply) -> dict:
+def realizable_output_map(layer: dict, c, T: np.ndarray, A=None, B=None) -> np.ndarray:
+    """The map ``fold_output_map`` writes for T: T itself (every map folds exactly)."""
+    return T
+
+
+def fold_output_map(layer: dict, c: LlamaConfig, T: np.ndarray, rewrite: HostRewrite = host_rewrite) -> dict:
     """The layer with its MLP branch ``M -> M T`` folded into ``down_proj`` (kernel and bias times T);
-    exact. ``matmul(array, T)`` does the product (merge passes one that keeps a sharded layout).
+    exact. Products in float64 (``rewrite``: see ``common.HostRewrite``).
     Returns a new layer dict; the input is unchanged."""
+    T = np.asarray(T, np.float64)
     layer = dict(layer)
     layer["mlp"] = dict(layer["mlp"])
-    layer["mlp"]["down_proj"] = {name: matmul(value, T) for name, value in layer["mlp"]["down_proj"].items()}
+    layer["mlp"]["down_proj"] = {name: rewrite(value, lambda a: a @ T) for name, value in
+                                 layer["mlp"]["down_proj"].items()}
     return layer
 
 

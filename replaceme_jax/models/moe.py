@@ -19,10 +19,11 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from replaceme_jax.errors import UnsupportedModelError
 from replaceme_jax.models import llama
-from replaceme_jax.models.common import MatmulFn, ParamSpec, Params, right_multiply, rms_norm
+from replaceme_jax.models.common import HostRewrite, ParamSpec, Params, host_rewrite, rms_norm
 from replaceme_jax.models.llama import FULL_ATTENTION, SLIDING_ATTENTION, AttentionContext, ForwardOutput
 
 MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -391,18 +392,26 @@ lm_head = llama.lm_head
 qkv_projection = project_qkv
 
 
-def fold_output_map(layer: dict, c: MoeConfig, T, matmul: MatmulFn = right_multiply) -> dict:
+def realizable_output_map(layer: dict, c, T: np.ndarray, A=None, B=None) -> np.ndarray:
+    """The map ``fold_output_map`` writes for T: T itself (every map folds exactly)."""
+    return T
+
+
+def fold_output_map(layer: dict, c: MoeConfig, T, rewrite: HostRewrite = host_rewrite) -> dict:
     """The layer with its MoE branch ``M -> M T`` folded in; exact, since the branch is linear in every
     expert's output: each routed expert's ``down_proj`` and the shared expert's (whose sigmoid gate
     scales its output) times T. Returns a new layer dict."""
+    T = np.asarray(T, np.float64)
     layer = dict(layer)
     mlp = dict(layer["mlp"])
     experts = dict(mlp["experts"])
-    experts["down_proj"] = {name: matmul(value, T) for name, value in experts["down_proj"].items()}
+    experts["down_proj"] = {name: rewrite(value, lambda a: a @ T) for name, value in
+                            experts["down_proj"].items()}
     mlp["experts"] = experts
     if "shared_expert" in mlp:
         shared = dict(mlp["shared_expert"])
-        shared["down_proj"] = {name: matmul(value, T) for name, value in shared["down_proj"].items()}
+        shared["down_proj"] = {name: rewrite(value, lambda a: a @ T) for name, value in
+                               shared["down_proj"].items()}
         mlp["shared_expert"] = shared
     layer["mlp"] = mlp
     return layer

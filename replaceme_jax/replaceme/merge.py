@@ -11,10 +11,10 @@ from replaceme_jax.models import family_for
 from replaceme_jax.sharding import gather_to_host
 
 
-def _sharding_preserving_matmul(value, T: np.ndarray):
-    """``value @ T`` in float64 on host, cast back; a sharded parameter keeps its layout, so later
-    passes run on the same mesh."""
-    merged = (np.asarray(gather_to_host(value), np.float64) @ np.asarray(T, np.float64)).astype(value.dtype)
+def _sharding_preserving_rewrite(value, fn):
+    """``fn`` of the parameter in float64 on host, cast back; a sharded parameter keeps its layout, so
+    later passes run on the same mesh."""
+    merged = np.asarray(fn(np.asarray(gather_to_host(value), np.float64))).astype(value.dtype)
     sharding = getattr(value, "sharding", None)
     if sharding is None:
         return jnp.asarray(merged)
@@ -23,7 +23,8 @@ def _sharding_preserving_matmul(value, T: np.ndarray):
 
 def fold_transform(down_proj: dict, T: np.ndarray) -> dict:
     """kernel' = kernel @ T, bias' = bias @ T (Flax layout [I, D]), computed in float64."""
-    return {name: _sharding_preserving_matmul(value, T) for name, value in down_proj.items()}
+    T = np.asarray(T, np.float64)
+    return {name: _sharding_preserving_rewrite(value, lambda a: a @ T) for name, value in down_proj.items()}
 
 
 def replace_block(params: dict, config, start: int, end: int, T: np.ndarray | None):
@@ -36,7 +37,7 @@ def replace_block(params: dict, config, start: int, end: int, T: np.ndarray | No
     layers = list(params["layers"])
     if T is not None:
         layers[start - 1] = family_for(config.model_type).fold_output_map(layers[start - 1], config, T,
-                                                                          matmul=_sharding_preserving_matmul)
+                                                                          rewrite=_sharding_preserving_rewrite)
     kept = [i for i in range(config.num_hidden_layers) if not start <= i < end]
     new_params = dict(params)
     new_params["layers"] = layers[:start] + layers[end:]

@@ -123,6 +123,9 @@ class HeldoutEvaluator:
 
     def perplexity(self, T: np.ndarray | None) -> float:
         dim = self.pruned_config.hidden_size
+        if T is not None:  # the map the merge writes (Gemma: the nearest one its post-MLP norm allows)
+            T = family_for(self.pruned_config.model_type).realizable_output_map(
+                self.pruned_params["layers"][self.start - 1], self.pruned_config, T)
         T = jnp.asarray(np.eye(dim) if T is None else T, jnp.float32)
         total = 0.0
         with jax.default_matmul_precision("highest"):
