@@ -23,7 +23,7 @@ from replaceme_jax import interrupt
 from replaceme_jax.tokens import pad_token_id
 from replaceme_jax.errors import ReplaceMeError, UnsupportedModelError
 from replaceme_jax.progress import progress_bar
-from replaceme_jax.models import FAMILIES, family_for, llama, moe
+from replaceme_jax.models import FAMILIES, family_for, llama
 from replaceme_jax.models.common import Params, apply_rotary, rotary_cos_sin
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,10 @@ def forward_cached(params: Params, c: llama.LlamaConfig, tokens: jax.Array, star
         def attend(p, x, k_cache=k_cache, v_cache=v_cache, cos=cos, sin=sin, index=index):
             out, k_new, v_new = _cached_attention(p, c, x, start, cos, sin, k_cache, v_cache, c.window_of_layer(index),
                                                   project)
-            return out, (k_new, v_new)
+            new_cache.append((k_new, v_new))  # the layer's updated cache (attend runs once per layer)
+            return out, None
 
-        h, _, _, aux = family.layer_around_attention(layer, c, index, h, attend)
-        new_cache.append(aux[0] if isinstance(c, moe.MoeConfig) else aux)
+        h, _, _, _ = family.layer_around_attention(layer, c, index, h, attend)
     if not compute_logits:
         return None, new_cache
     logits = family.lm_head(params, c, family.final_norm(params, c, h[:, -1:]))[:, 0]
