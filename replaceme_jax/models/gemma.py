@@ -47,6 +47,7 @@ from replaceme_jax.models.llama import (
     SLIDING_ATTENTION,
     AttentionContext,
     ForwardOutput,
+    run_layers,
     _dense,
     softcap,
 )
@@ -352,21 +353,10 @@ def forward(
 ) -> ForwardOutput:
     """Run the decoder (same contract as ``llama.forward``)."""
     ctx = attention_context(c, input_ids.shape, attention_mask, positions)
-    h = embed(params, input_ids)
-    hidden, ys, ms = ([h], [], []) if collect_layers else ([], [], [])
-    layers = params["layers"][: num_layers if num_layers is not None else len(params["layers"])]
-    for index, layer in enumerate(layers):
-        h, y, m = decoder_layer(layer, c, index, h, ctx)
-        if collect_layers:
-            hidden.append(h)
-            ys.append(y)
-            ms.append(m)
-    logits = None
-    if compute_logits:
-        logits = lm_head(params, c, final_norm(params, c, h))
-    elif not collect_layers:
-        hidden.append(h)
-    return ForwardOutput(logits=logits, hidden_states=hidden, attn_residuals=ys, mlp_outputs=ms)
+    return run_layers(params["layers"], embed(params, input_ids),
+                      lambda index, layer, h: decoder_layer(layer, c, index, h, ctx),
+                      lambda h: lm_head(params, c, final_norm(params, c, h)),
+                      collect_layers=collect_layers, num_layers=num_layers, compute_logits=compute_logits)
 
 
 # ---------------------------------------------------------------------------------------------

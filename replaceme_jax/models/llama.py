@@ -446,18 +446,26 @@ def forward(
     branches ``M_k`` are returned. ``compute_logits=False`` skips the final norm and LM head.
     """
     ctx = attention_context(c, input_ids.shape, attention_mask, positions)
-    h = embed(params, input_ids)
+    return run_layers(params["layers"], embed(params, input_ids),
+                      lambda index, layer, h: decoder_layer(layer, c, index, h, ctx),
+                      lambda h: lm_head(params, c, final_norm(params, c, h)),
+                      collect_layers=collect_layers, num_layers=num_layers, compute_logits=compute_logits)
+
+
+def run_layers(layers, h, layer_step, head, *, collect_layers: bool, num_layers: int | None,
+               compute_logits: bool) -> ForwardOutput:
+    """The decoder loop every family's ``forward`` shares: ``layer_step(index, layer, h) -> (h, Y, M)``
+    over the first ``num_layers`` layers, then ``head(h) -> logits`` (see ``forward`` for the rest)."""
     hidden, ys, ms = ([h], [], []) if collect_layers else ([], [], [])
-    layers = params["layers"][: num_layers if num_layers is not None else len(params["layers"])]
-    for index, layer in enumerate(layers):
-        h, y, m = decoder_layer(layer, c, index, h, ctx)
+    for index, layer in enumerate(layers[: num_layers if num_layers is not None else len(layers)]):
+        h, y, m = layer_step(index, layer, h)
         if collect_layers:
             hidden.append(h)
             ys.append(y)
             ms.append(m)
     logits = None
     if compute_logits:
-        logits = lm_head(params, c, final_norm(params, c, h))
+        logits = head(h)
     elif not collect_layers:
         hidden.append(h)
     return ForwardOutput(logits=logits, hidden_states=hidden, attn_residuals=ys, mlp_outputs=ms)

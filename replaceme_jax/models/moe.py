@@ -435,19 +435,11 @@ def forward(
     ``expert_masks[l]`` (bool ``[E]``) sets the router logits of layer ``l``'s masked experts to -inf.
     """
     ctx = llama.attention_context(c, input_ids.shape, attention_mask, positions)
-    h = llama.embed(params, input_ids)
-    hidden, ys, ms = ([h], [], []) if collect_layers else ([], [], [])
-    layers = params["layers"][: num_layers if num_layers is not None else len(params["layers"])]
-    for index, layer in enumerate(layers):
+
+    def layer_step(index, layer, h):
         mask = expert_masks[index] if expert_masks is not None else None
-        h, y, m = decoder_layer(layer, c, index, h, ctx, expert_mask=mask, dispatch=dispatch)
-        if collect_layers:
-            hidden.append(h)
-            ys.append(y)
-            ms.append(m)
-    logits = None
-    if compute_logits:
-        logits = llama.lm_head(params, c, llama.final_norm(params, c, h))
-    elif not collect_layers:
-        hidden.append(h)
-    return ForwardOutput(logits=logits, hidden_states=hidden, attn_residuals=ys, mlp_outputs=ms)
+        return decoder_layer(layer, c, index, h, ctx, expert_mask=mask, dispatch=dispatch)
+
+    return llama.run_layers(params["layers"], llama.embed(params, input_ids), layer_step,
+                            lambda h: llama.lm_head(params, c, llama.final_norm(params, c, h)),
+                            collect_layers=collect_layers, num_layers=num_layers, compute_logits=compute_logits)
