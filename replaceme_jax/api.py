@@ -55,11 +55,21 @@ def _as_loaded(model: ModelLike) -> tuple[LoadedModel | None, str]:
     return None, str(model)
 
 
-def _as_sequences(data: DataLike, loaded: LoadedModel | None, model_label: str, tokenizer, max_length: int):
-    """(dataset spec for the config, token sequences or None, tokenizer)."""
-    if data is None or isinstance(data, (str, Path)) or (
-            isinstance(data, (list, tuple)) and data and isinstance(data[0], dict)):
-        return (None if data is None else (str(data) if isinstance(data, Path) else data)), None, tokenizer
+def _dataset_spec(data: DataLike):
+    """``data`` as a config's ``dataset`` value when it is one (a spec, a mixture or None for the
+    config's default); ``NotImplemented`` when it is texts or token ids, given in memory."""
+    if data is None or isinstance(data, str):
+        return data
+    if isinstance(data, Path):
+        return str(data)
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict):
+        return list(data)
+    return NotImplemented
+
+
+def _in_memory_sequences(data, loaded: LoadedModel | None, model_label: str, tokenizer, cfg: CompressConfig):
+    """(token sequences, tokenizer, model): texts are tokenised with ``tokenizer`` or the model's own,
+    loading the model here (once: the pipeline then uses it) when only its path is known."""
     items = list(data)
     if not items:
         raise UsageError("calibration data is empty")
@@ -69,14 +79,14 @@ def _as_sequences(data: DataLike, loaded: LoadedModel | None, model_label: str, 
 
         if tokenizer is None:
             if loaded is None:
-                loaded = load_model(model_label)
+                loaded = load_model(model_label, dtype=cfg.dtype)
             tokenizer = load_tokenizer(loaded)
-        return None, tokenize_texts(tokenizer, items, max_length), tokenizer
+        return tokenize_texts(tokenizer, items, cfg.max_length), tokenizer, loaded
     try:
-        sequences = [np.asarray(s, dtype=np.int32).reshape(-1)[:max_length] for s in items]
+        sequences = [np.asarray(s, dtype=np.int32).reshape(-1)[:cfg.max_length] for s in items]
     except (TypeError, ValueError) as e:
         raise UsageError(f"calibration data must be texts or token-id sequences ({e})") from None
-    return None, [s for s in sequences if len(s)], tokenizer
+    return [s for s in sequences if len(s)], tokenizer, loaded
 
 
 def _compress_config(model_label: str, dataset, options: dict) -> CompressConfig:
@@ -99,9 +109,11 @@ def compress(model: ModelLike, data: DataLike = None, *, tokenizer=None, distanc
     from replaceme_jax.replaceme.pipeline import compress as run
 
     loaded, label = _as_loaded(model)
-    dataset, sequences, tokenizer = _as_sequences(data, loaded, label, tokenizer,
-                                                  int(options.get("max_length", CompressConfig.max_length)))
-    cfg = _compress_config(label, dataset, options)
+    spec = _dataset_spec(data)
+    cfg = _compress_config(label, None if spec is NotImplemented else spec, options)  # bad options fail first
+    sequences = None
+    if spec is NotImplemented:
+        sequences, tokenizer, loaded = _in_memory_sequences(data, loaded, label, tokenizer, cfg)
     return run(cfg, distances_only=distances_only, model=loaded, sequences=sequences, tokenizer=tokenizer)
 
 
