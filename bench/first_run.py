@@ -17,25 +17,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-
 from replaceme_jax.config import CompressConfig, load_config
 from replaceme_jax.conversion import load_model, load_tokenizer
 from replaceme_jax.evaluation import run_evaluation
-from replaceme_jax.generate import Sampling, generate
+from replaceme_jax.eval_generation import greedy_continuations
 from replaceme_jax.replaceme.pipeline import compress
 
 
 def greedy(model_dir: str, prompt: str, new_tokens: int) -> tuple[str, list[int]]:
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model)
-    ids = tokenizer(prompt)["input_ids"]
-    out, lengths = generate(model.params, model.config, [ids], new_tokens, jax.random.PRNGKey(0),
-                            sampling=Sampling(temperature=0.0), eos_ids=[tokenizer.eos_token_id],
-                            pad_id=tokenizer.pad_token_id or 0)
-    new = out[0, len(ids):lengths[0]].tolist()
-    return tokenizer.decode(new, skip_special_tokens=True), new
+    (text,) = greedy_continuations(model.params, model.config, tokenizer, [prompt], max_new_tokens=new_tokens).texts
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def has_loop(tokens: list[int]) -> bool:
