@@ -32,7 +32,7 @@ from replaceme_jax import interrupt
 from replaceme_jax.models import family_for
 from replaceme_jax.progress import progress_bar
 from replaceme_jax.replaceme.merge import replace_block
-from replaceme_jax.replaceme.validation import _prefix
+from replaceme_jax.replaceme.validation import _prefix, suffix_logits
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,9 @@ def _coarse_log_probs(logp_top: jax.Array) -> jax.Array:
     return jnp.concatenate([logp_top, rest[..., None]], axis=-1)
 
 
-def _student_logits(params, T, y, m, attention_mask, *, config, start):
-    family = family_for(config.model_type)
-    ctx = family.attention_context(config, attention_mask.shape, attention_mask)
-    h = (y.astype(jnp.float32) + jnp.einsum("bsd,de->bse", m.astype(jnp.float32), T)).astype(y.dtype)
-    for index in range(start, config.num_hidden_layers):
-        h, _, _ = family.decoder_layer(params["layers"][index], config, index, h, ctx)
-    return family.lm_head(params, config, family.final_norm(params, config, h)).astype(jnp.float32)
-
-
 def kl_loss(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_mask, *, config, start):
     """Mean over real tokens of KL(teacher || student), both coarsened to the teacher's top k + rest."""
-    logits = _student_logits(params, T, y, m, attention_mask, config=config, start=start)
+    logits = suffix_logits(params, T, y, m, attention_mask, config=config, start=start).astype(jnp.float32)
     student = jax.nn.log_softmax(logits, axis=-1)
     student_top = jnp.take_along_axis(student, teacher_index, axis=-1)
     p = _coarse_log_probs(teacher_logp)

@@ -83,17 +83,23 @@ def _prefix(params, input_ids, attention_mask, *, config, start):
     return y, m
 
 
-@functools.partial(jax.jit, static_argnames=("config", "start"))
-def _suffix_nll(params, T, y, m, attention_mask, targets, target_mask, *, config, start):
-    """NLL through the pruned model (``params``/``config``: the block already removed) from
-    ``h_start = Y + M T``."""
+def suffix_logits(params, T, y, m, attention_mask, *, config, start, precision=None):
+    """Logits of the pruned model (``params``/``config``: the block already removed) from
+    ``h_start = Y + M T``: the part of the network a candidate T changes (validation, refinement)."""
     family = family_for(config.model_type)
     ctx = family.attention_context(config, attention_mask.shape, attention_mask)
     h = (y.astype(jnp.float32) + jnp.einsum("bsd,de->bse", m.astype(jnp.float32), T,
-                                             precision=jax.lax.Precision.HIGHEST)).astype(y.dtype)
+                                             precision=precision)).astype(y.dtype)
     for index in range(start, config.num_hidden_layers):
         h, _, _ = family.decoder_layer(params["layers"][index], config, index, h, ctx)
-    logits = family.lm_head(params, config, family.final_norm(params, config, h))
+    return family.lm_head(params, config, family.final_norm(params, config, h))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "start"))
+def _suffix_nll(params, T, y, m, attention_mask, targets, target_mask, *, config, start):
+    """NLL through the pruned model from ``h_start = Y + M T``."""
+    logits = suffix_logits(params, T, y, m, attention_mask, config=config, start=start,
+                           precision=jax.lax.Precision.HIGHEST)
     return _next_token_nll(logits, targets, target_mask)
 
 
