@@ -427,6 +427,10 @@ def fit_orthogonal_scaled(A: np.ndarray, B: np.ndarray, Q0: np.ndarray, iteratio
     return Q, s
 
 
+# The post-MLP norm sits between down_proj and the residual: only maps diag(g)^-1 Q diag(s) fold exactly.
+FOLDS_ANY_OUTPUT_MAP = False
+
+
 def realizable_output_map(layer: dict, c: GemmaConfig, T: np.ndarray, A: np.ndarray | None = None,
                           B: np.ndarray | None = None, iterations: int = 300) -> np.ndarray:
     """The map on M that ``fold_output_map`` writes for ``T``: T itself when it folds exactly, else the

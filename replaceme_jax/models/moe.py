@@ -392,6 +392,9 @@ lm_head = llama.lm_head
 qkv_projection = project_qkv
 
 
+FOLDS_ANY_OUTPUT_MAP = True  # into every expert's down_proj
+
+
 def realizable_output_map(layer: dict, c, T: np.ndarray, A=None, B=None) -> np.ndarray:
     """The map ``fold_output_map`` writes for T: T itself (every map folds exactly)."""
     return T

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import platform
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,10 @@ RELATIVE_ALPHAS = (0.0, 1e-2, 1e-1, 1.0, 10.0)
 SEARCH_STARTS = ((0.0, 1e-1), (1e-3, 1.0))
 
 
+# (T, A, B) -> the map the merge writes for T, nearest on the data of the normal equations A, B
+Realize = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
 def _weight_grid(cfg: CompressConfig) -> tuple:
     return {"auto": FIRST_TOKEN_WEIGHTS, "include": ("include",), "exclude": (0.0,)}.get(
         cfg.first_token_rows, (cfg.first_token_rows,))
@@ -148,11 +154,16 @@ def _numeric_alpha(cfg: CompressConfig, family: LstsqFamily, w) -> float:
 
 
 def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[NormalEquations, NormalEquations] | None,
-                  evaluator: HeldoutEvaluator | None, timer: StageTimer) -> tuple[dict, list[dict]]:
+                  evaluator: HeldoutEvaluator | None, timer: StageTimer, realize: Realize,
+                  exact_fold: bool = True) -> tuple[dict, list[dict]]:
     """The T of the family with the lowest held-out perplexity (a coordinate search over the w and
-    alpha grids); without validation, the one configured point."""
+    alpha grids); without validation, the one configured point. Each candidate is the map the merge
+    will write (``realize``, fitted to the same normal equations)."""
     weights = _weight_grid(cfg)
-    alphas = RELATIVE_ALPHAS if cfg.alpha == "auto" else (None,)
+    # Where the fold is not exact, the ridge only moves the start of the realizable fit, which costs a
+    # Riemannian descent per candidate: search w alone there.
+    alphas = RELATIVE_ALPHAS if cfg.alpha == "auto" and exact_fold else \
+        (SEARCH_STARTS[0][1],) if cfg.alpha == "auto" else (None,)
     records: dict[tuple[int, int], dict] = {}
 
     def candidate(i, j) -> float:
@@ -160,6 +171,9 @@ def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[Norma
         alpha = family.absolute_alpha(alphas[j]) if alphas[j] is not None else _numeric_alpha(cfg, family, w)
         with timer("solve", quiet=True):
             T, info = family.solve(w, alpha)
+            if T is not None:
+                eq = family.equations(w)
+                T = realize(T, eq.A, eq.B)
         record = {"first_token_weight": w, "first_row_lambda": family.first_row_weight(w),
                   "alpha_relative": alphas[j], "alpha": alpha, **info, "T": T}
         if T is not None and heldout is not None:
@@ -251,7 +265,11 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
     if heldout is not None:  # dropping the block (T = I), in closed form, beside each candidate's
         validation.update(heldout_error_without_T_rest=heldout[0].relative_error(None),
                           heldout_error_without_T_first=heldout[1].relative_error(None))
-    chosen, tried = _search_lstsq(cfg, family, heldout, evaluator, timer)
+    # the map the merge writes into the last kept layer, nearest to each fit on its own data
+    fold_family = current.family
+    realize = functools.partial(fold_family.realizable_output_map, current.params["layers"][block_now[0] - 1],
+                                current.config)
+    chosen, tried = _search_lstsq(cfg, family, heldout, evaluator, timer, realize, fold_family.FOLDS_ANY_OUTPUT_MAP)
     T = chosen["T"]
     fit = family.equations(chosen["first_token_weight"])
     solver = {"method": "lstsq", "first_token_energy_ratio": family.energy_ratio,
@@ -263,6 +281,8 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
                               policy, T if cfg.cosine_init == "lstsq" else None, data.batches, timer, mesh,
                               checkpoint=state.pass_state(f"cosine_{index}") if state else None)
         fit = family.equations("include" if policy == "include" else 0.0)
+        with timer("solve", quiet=True):
+            T = realize(T, fit.A, fit.B)
         if evaluator is not None:
             with timer("validation"):
                 solver["perplexity"] = evaluator.perplexity(T)
