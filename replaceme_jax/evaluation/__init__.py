@@ -63,7 +63,7 @@ from replaceme_jax.models import family_for
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MIN_BUCKET = 32
 
 # ---------------------------------------------------------------------------------------------
