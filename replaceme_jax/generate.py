@@ -1,4 +1,5 @@
-"""Calibration text sampled from the model itself, so compression runs with no data set at all.
+"""The jitted KV-cache sampler: continuations of token prompts, for calibration text sampled from the
+model itself (``replaceme_jax.data.self_generated``) and for greedy generations (``eval_generation``).
 
 Generation is one jitted function per batch over the params pytree of any family in ``models/``: a prefill
 of the prompt prefix every row shares fills a preallocated KV cache (one ``[B, kv_heads, T, head_dim]``
@@ -20,9 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from replaceme_jax import interrupt
-from replaceme_jax.tokens import pad_token_id
 from replaceme_jax.errors import ReplaceMeError, UnsupportedModelError
-from replaceme_jax.progress import progress_bar
 from replaceme_jax.models import FAMILIES, family_for, llama
 from replaceme_jax.models.common import Params, apply_rotary, rotary_cos_sin
 
@@ -263,60 +262,3 @@ def start_token_id(tokenizer) -> int:
         if tid is not None:
             return int(tid)
     raise ReplaceMeError("the tokenizer has neither a BOS nor an EOS token to start generation from")
-
-
-def _prompt_ids(tokenizer, prompts: Sequence[str] | None) -> list[list[int]]:
-    start = start_token_id(tokenizer)
-    if not prompts:
-        return [[start]]
-    out = []
-    for text in prompts:
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        out.append([start] + ids)
-    return out
-
-
-def sample_texts(
-    params: Params,
-    config: llama.LlamaConfig,
-    tokenizer,
-    num_samples: int,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    prompts: Sequence[str] | None = None,
-    min_new_tokens: int = 0,
-) -> list[np.ndarray]:
-    """``num_samples`` token sequences (int32) sampled from the model, for calibration.
-
-    Each starts with the start token (BOS, else EOS) followed by a seed prompt (``prompts`` used in
-    turn; none by default) and holds up to ``max_new_tokens`` new tokens, ending early at EOS. Batches
-    have a fixed shape (the last is filled up with extra rows that are dropped), so one compilation
-    serves the whole run. The same ``seed`` gives the same samples.
-    """
-    if num_samples < 1 or batch_size < 1:
-        raise ReplaceMeError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
-    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens)
-    prompt_ids = _prompt_ids(tokenizer, prompts)
-    eos_ids = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
-    pad_id = pad_token_id(tokenizer)
-    key = jax.random.key(seed)
-    samples: list[np.ndarray] = []
-    batches = range(0, num_samples, batch_size)
-    with progress_bar(total=len(batches) * max_new_tokens, desc="sampling calibration text", unit="step") as bar:
-        for batch_index, first in enumerate(batches):
-            rows = [prompt_ids[(first + r) % len(prompt_ids)] for r in range(batch_size)]
-            tokens, lengths = generate(params, config, rows, max_new_tokens, jax.random.fold_in(key, batch_index),
-                                       sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, progress=bar.update)
-            for r in range(min(batch_size, num_samples - first)):
-                samples.append(tokens[r, : lengths[r]].copy())
-            bar.update(bar.total * (batch_index + 1) // len(batches) - bar.n)  # rows that stopped early
-    return samples
-
-
-def decode_samples(tokenizer, samples: Sequence[np.ndarray], skip_special_tokens: bool = True) -> list[str]:
-    """The samples as text."""
-    return [tokenizer.decode(np.asarray(s).tolist(), skip_special_tokens=skip_special_tokens) for s in samples]

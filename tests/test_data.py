@@ -99,10 +99,27 @@ def test_bad_paths_name_the_file(tmp_path):
         load_texts(str(broken))
 
 
+def test_the_package_reexports_the_public_names_of_its_modules():
+    """``from replaceme_jax.data import X`` keeps working for every public function and class of the
+    modules the package is split into, and names the very object the module defines."""
+    import inspect
+
+    modules = (data.sources, data.tokenizing, data.batching, data.self_generated, data.calibration)
+    for module in modules:
+        for name, value in vars(module).items():
+            if name.startswith("_") or not (inspect.isfunction(value) or inspect.isclass(value)):
+                continue
+            if value.__module__ == module.__name__:
+                assert name in data.__all__ and getattr(data, name) is value, f"{module.__name__}.{name}"
+    assert all(hasattr(data, name) for name in data.__all__)
+    # Private helpers are patched where they are called: the package does not carry a stale copy.
+    assert not hasattr(data, "_hub_reachable")
+
+
 def test_unreachable_hub_fails_fast_with_one_line(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(data.sources, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ReplaceMeError, match=r"dataset 'Open-Orca/SlimOrca': the Hugging Face Hub is unreachable") as e:
         load_texts("Open-Orca/SlimOrca", chat_format="slimorca")
     assert "\n" not in str(e.value)

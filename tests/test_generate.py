@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from replaceme_jax.conversion import load_model, load_tokenizer
-from replaceme_jax.generate import Sampling, decode_samples, generate, nucleus_mask, sample_logits, sample_texts
+from replaceme_jax.data import decode_samples, sample_texts
+from replaceme_jax.generate import Sampling, generate, nucleus_mask, sample_logits
 from tests.helpers import FAMILY_CONFIGS, make_model
 from tests.moe_helpers import MOE_CONFIGS, make_moe_model
 

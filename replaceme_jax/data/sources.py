@@ -1,8 +1,10 @@
-"""Calibration data: texts from a data set (or from the model itself), token ids, and fixed-shape batches.
+"""Where calibration text comes from: local files and Hub data sets, their columns, chat formats, and
+mixtures of several sources with ratios.
 
-The pipeline is ``load_calibration`` (texts -> token ids, or self-generated ids for ``dataset: self``)
-followed by ``make_batches``. Batches are right-padded and their lengths rounded up to a few bucket
-lengths, so a run over a thousand documents compiles a handful of shapes rather than one per batch.
+``load_texts`` opens one source and returns its first non-blank texts; ``parse_mixture`` and
+``mixture_counts`` validate a mixture and split a number of sequences over it; ``check_sources``
+fails early on a missing local file. ``dataset: self`` (text the model writes) is named here
+(``SELF_DATASET``) and sampled in ``replaceme_jax.data.self_generated``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError, UsageError
-from replaceme_jax.tokens import pad_token_id
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +28,12 @@ log = logging.getLogger(__name__)
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 CHAT_FORMATS = ("slimorca",)
 SELF_DATASET = "self"
-BUCKETS = ("pow2", "longest")  # or an int: round lengths up to a multiple of it
-MIN_BUCKET = 16
 
 _ROW_CHUNK = 1024  # rows read from a dataset at a time, so `size` rows of a huge set stay cheap
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading texts
+# Opening a data set
 
 
 def _is_local(dataset: str) -> bool:
@@ -143,6 +142,10 @@ def _is_blank(text: str) -> bool:
     return not text or text.isspace()
 
 
+# ---------------------------------------------------------------------------------------------
+# Columns and chat formats
+
+
 def slimorca_dialog(conversations: Sequence[dict]) -> list[dict] | None:
     """The reference's SlimOrca rule: the first human turn and the first gpt reply after it.
 
@@ -181,6 +184,10 @@ def _resolve_column(ds, column: str | None, chat_format: str | None, where: str)
             hint = "; for chat rows set chat_format: slimorca"
         raise ReplaceMeError(f"{where}: no column {column!r} (available: {', '.join(available)}){hint}")
     return column
+
+
+# ---------------------------------------------------------------------------------------------
+# One source's texts
 
 
 def load_texts(
@@ -246,143 +253,6 @@ def load_texts(
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizing
-
-
-def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int, add_bos: bool | None = None) -> list[np.ndarray]:
-    """Token ids of each text as int32 arrays, truncated to ``max_length``; empty results are dropped.
-
-    ``add_bos``: None keeps the tokenizer's own special tokens (what the reference does: Llama 3 adds
-    BOS, SmolLM2 and Qwen add nothing); True makes every sequence start with exactly one BOS (also when
-    a chat template already wrote one); False adds no special tokens.
-    """
-    if max_length <= 0:
-        raise ReplaceMeError(f"max_length must be positive, got {max_length}")
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if add_bos and bos is None:
-        raise ReplaceMeError("add_bos is set but the tokenizer has no BOS token")
-    encoded = tokenizer(list(texts), add_special_tokens=add_bos is None, truncation=True,
-                        max_length=max_length)["input_ids"]
-    out = []
-    for ids in encoded:
-        if add_bos and (not ids or ids[0] != bos):
-            ids = [bos] + list(ids)
-        if ids:
-            out.append(np.asarray(ids[:max_length], dtype=np.int32))
-    if not out:
-        raise ReplaceMeError("no tokens left after tokenization (all texts empty)")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Batching
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """One right-padded batch. Rows past ``n_real_rows`` are empty (mask all zeros) fillers."""
-
-    input_ids: np.ndarray  # [B, S] int32
-    attention_mask: np.ndarray  # [B, S] int32
-    n_real_rows: int
-    rows: tuple[int, ...]  # index in the input sequence list of each real row
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-@dataclasses.dataclass(frozen=True)
-class Batches:
-    """The batches of a calibration set plus its totals; iterate over it for the batches."""
-
-    batches: tuple[Batch, ...]
-    num_tokens: int  # real (non-pad) tokens
-    num_sequences: int
-    sources: tuple[dict, ...] = ()  # per data source: dataset, ratio, sequences, tokens
-
-    def __iter__(self) -> Iterator[Batch]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    @property
-    def shapes(self) -> list[tuple[int, int]]:
-        """Distinct batch shapes in order of first use (each is one compilation of a jitted step)."""
-        return list(dict.fromkeys(b.input_ids.shape for b in self.batches))
-
-    @property
-    def padding_fraction(self) -> float:
-        total = sum(b.input_ids.size for b in self.batches)
-        return 1.0 - self.num_tokens / total if total else 0.0
-
-
-def bucket_length(length: int, max_length: int, bucket: int | str = "pow2") -> int:
-    """The padded length for a batch whose longest row has ``length`` tokens.
-
-    ``"pow2"``: the next power of two (at least 16); an int: the next multiple of it; ``"longest"``:
-    ``length`` itself (the reference's ``padding="longest"``; one shape per distinct length). Never
-    more than ``max_length``.
-    """
-    if bucket == "longest":
-        padded = length
-    elif bucket == "pow2":
-        padded = max(MIN_BUCKET, 1 << max(0, length - 1).bit_length())
-    elif isinstance(bucket, int) and not isinstance(bucket, bool) and bucket > 0:
-        padded = -(-length // bucket) * bucket
-    else:
-        raise ReplaceMeError(f"unknown bucket {bucket!r} (use {' or '.join(map(repr, BUCKETS))} or a positive int)")
-    return max(1, min(padded, max_length))
-
-
-def make_batches(
-    sequences: Sequence[np.ndarray],
-    batch_size: int,
-    max_length: int,
-    pad_id: int,
-    bucket: int | str = "pow2",
-    sort_by_length: bool = True,
-    drop_last: bool = False,
-) -> Batches:
-    """Group token sequences into right-padded ``[batch_size, L]`` batches, ``L`` from a few buckets.
-
-    Sequences longer than ``max_length`` are truncated. With ``sort_by_length`` (the default) rows are
-    ordered longest first, so each batch holds similar lengths (little padding) and the largest shape
-    runs first (an out-of-memory shows at once); ties keep input order, so the result is deterministic.
-    Every batch has ``batch_size`` rows: the last is completed with empty rows (mask all zeros) so the
-    step function sees no new batch dimension. ``drop_last`` drops an incomplete last batch instead
-    (the reference's DataLoader does).
-    """
-    if batch_size <= 0:
-        raise ReplaceMeError(f"batch_size must be positive, got {batch_size}")
-    seqs = [np.asarray(s, dtype=np.int32)[:max_length] for s in sequences]
-    order = [i for i in range(len(seqs)) if len(seqs[i]) > 0]
-    if not order:
-        raise ReplaceMeError("no calibration sequences to batch (all empty)")
-    if sort_by_length:
-        order.sort(key=lambda i: -len(seqs[i]))  # list.sort is stable
-    if drop_last:
-        order = order[: len(order) - len(order) % batch_size]
-        if not order:
-            raise ReplaceMeError(f"fewer calibration sequences than batch_size={batch_size} with drop_last")
-
-    batches = []
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = bucket_length(max(len(seqs[i]) for i in rows), max_length, bucket)
-        ids = np.full((batch_size, width), pad_id, np.int32)
-        mask = np.zeros((batch_size, width), np.int32)
-        for r, i in enumerate(rows):
-            n = len(seqs[i])
-            ids[r, :n] = seqs[i]
-            mask[r, :n] = 1
-        batches.append(Batch(input_ids=ids, attention_mask=mask, n_real_rows=len(rows), rows=tuple(rows)))
-    num_tokens = sum(len(seqs[i]) for i in order)
-    return Batches(batches=tuple(batches), num_tokens=num_tokens, num_sequences=len(order))
-
-
-# ---------------------------------------------------------------------------------------------
 # Mixtures of several sources
 
 
@@ -443,79 +313,7 @@ def mixture_counts(ratios: Sequence[float], total: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry point for the pipeline
-
-
-def load_calibration(
-    dataset: str | Sequence[Mapping[str, Any]],
-    tokenizer,
-    max_length: int,
-    *,
-    size: int | None = None,
-    column: str | None = None,
-    subset: str | None = None,
-    split: str | None = None,
-    chat_format: str | None = None,
-    add_bos: bool | None = None,
-    params=None,
-    config=None,
-    seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generation_batch_size: int = 16,
-    prompts: Sequence[str] | None = None,
-    summary: list | None = None,
-) -> list[np.ndarray]:
-    """Calibration token sequences (int32, at most ``max_length`` long); batch them with ``make_batches``.
-
-    ``dataset="self"`` samples ``size`` (default 128) sequences of ``max_length`` tokens from the model
-    itself (``params``/``config`` required; ``seed``, ``temperature``, ``top_k``, ``top_p``,
-    ``prompts`` as in ``generate.sample_texts``), so compression needs no data at all. Anything else is
-    read with ``load_texts`` and tokenized with ``tokenize_texts``.
-
-    ``dataset`` may also be a mixture (see ``parse_mixture``): ``size`` sequences split over the
-    sources by ratio, each source read as above (``self`` included), then shuffled together with
-    ``seed`` so every batch mixes sources. ``summary`` (a list) receives one dict per source with the
-    sequences and tokens it gave.
-    """
-    if not isinstance(dataset, str):
-        sources = parse_mixture(dataset)
-        counts = mixture_counts([s.ratio for s in sources], size or 128)
-        sequences, parts = [], summary if summary is not None else []
-        for source, count in zip(sources, counts):
-            got = load_calibration(
-                source.dataset, tokenizer, max_length, size=count,
-                column=source.dataset_column if source.dataset_column is not None else column,
-                split=source.dataset_subset if source.dataset_subset is not None else split,
-                chat_format=source.chat_format if source.chat_format is not None else chat_format,
-                add_bos=add_bos, params=params, config=config, seed=seed, temperature=temperature, top_k=top_k,
-                top_p=top_p, generation_batch_size=generation_batch_size, prompts=prompts, summary=parts)
-            parts[-1]["ratio"] = source.ratio
-            log.info("calibration source %s: %d sequences, %d tokens (ratio %g)", source.dataset, len(got),
-                     parts[-1]["tokens"], source.ratio)
-            sequences.extend(got)
-        order = np.random.default_rng(seed).permutation(len(sequences))
-        return [sequences[i] for i in order]
-    if dataset == SELF_DATASET:
-        if params is None or config is None:
-            raise ReplaceMeError("dataset 'self' needs the model (params and config) to sample from")
-        from replaceme_jax.generate import sample_texts
-
-        num = size or 128
-        # The prompt (start token or seed prompt) counts towards max_length.
-        samples = sample_texts(params, config, tokenizer, num_samples=num, max_new_tokens=max(1, max_length - 1),
-                               batch_size=min(generation_batch_size, num), seed=seed, temperature=temperature,
-                               top_k=top_k, top_p=top_p, prompts=prompts)
-        sequences = [s[:max_length] for s in samples if len(s)]
-    else:
-        texts = load_texts(dataset, column=column, subset=subset, split=split, size=size, chat_format=chat_format,
-                           tokenizer=tokenizer)
-        sequences = tokenize_texts(tokenizer, texts, max_length, add_bos=add_bos)
-    if summary is not None:
-        summary.append({"dataset": dataset, "ratio": 1.0, "requested": size, "sequences": len(sequences),
-                        "tokens": int(sum(map(len, sequences)))})
-    return sequences
+# Before any model is loaded
 
 
 def check_sources(dataset: str | Sequence[Mapping[str, Any]]) -> None:
@@ -526,47 +324,3 @@ def check_sources(dataset: str | Sequence[Mapping[str, Any]]) -> None:
             continue
         if not Path(name).expanduser().exists():
             raise ReplaceMeError(f"{name}: no such file (calibration dataset)")
-
-
-def split_heldout(sequences: Sequence[np.ndarray], fraction: float, minimum: int, seed: int = 0
-                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Hold out whole sequences (documents, never rows of one) to validate a fit: ``max(minimum,
-    round(fraction * n))`` of them, drawn with ``seed``; the rest keep their order. ``fraction=0``
-    holds out nothing."""
-    sequences = list(sequences)
-    if fraction <= 0:
-        return sequences, []
-    n = len(sequences)
-    k = max(minimum, round(fraction * n))
-    if n - k < k:
-        raise ReplaceMeError(
-            f"too little calibration data to validate the fit: {n} sequences, and {k} are held out "
-            f"(need at least {2 * k}; raise dataset_size, or set validation_fraction: 0 with a numeric alpha "
-            f"and first_token_rows include|exclude)")
-    held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
-    return ([s for i, s in enumerate(sequences) if i not in held], [s for i, s in enumerate(sequences) if i in held])
-
-
-def calibration_sequences(cfg, tokenizer, params=None, config=None) -> tuple[list[np.ndarray], tuple[dict, ...]]:
-    """Token sequences for a run config (``compress`` or ``experts``), and what each data source gave."""
-    sources: list[dict] = []
-    sequences = load_calibration(
-        cfg.dataset, tokenizer, cfg.max_length, size=cfg.dataset_size, column=cfg.dataset_column,
-        split=cfg.dataset_subset, chat_format=cfg.chat_format, params=params, config=config, seed=cfg.seed,
-        temperature=cfg.self_temperature, top_k=cfg.self_top_k, top_p=cfg.self_top_p,
-        generation_batch_size=cfg.self_batch_size, summary=sources)
-    return sequences, tuple(sources)
-
-
-def batches_for(cfg, sequences: Sequence[np.ndarray], tokenizer, sources: tuple[dict, ...] = ()) -> Batches:
-    """``make_batches`` with a run config's batch size, length and bucketing."""
-    batches = make_batches(sequences, cfg.batch_size, cfg.max_length, pad_token_id(tokenizer), bucket=cfg.bucket,
-                           sort_by_length=getattr(cfg, "sort_by_length", True))
-    return dataclasses.replace(batches, sources=sources)
-
-
-def calibration_batches(cfg, tokenizer, params=None, config=None) -> Batches:
-    """Batches for a run config (``compress`` or ``experts``): its data keys, ``self`` sampling keys,
-    bucketing and seed. ``Batches.sources`` records what each source of the data gave."""
-    sequences, sources = calibration_sequences(cfg, tokenizer, params, config)
-    return batches_for(cfg, sequences, tokenizer, sources)
