@@ -154,6 +154,7 @@ def worker(args) -> dict:
 
     import replaceme_jax.evaluation as ev
     from replaceme_jax.conversion import load_model, load_tokenizer
+    from replaceme_jax.evaluation import report, scoring
 
     result = {"mode": args.worker, "model": str(args.model)}
     phases = Phases()
@@ -161,14 +162,14 @@ def worker(args) -> dict:
         pass
     elif args.worker in ("before", "after"):
         if args.worker == "before":
-            ev._score_batch = full_logits_score_batch()
-        run_task = ev.run_task
+            scoring._score_batch = full_logits_score_batch()
+        run_task = report.run_task
 
         def phased_run_task(*a, **k):  # the load phase ends where scoring starts
             phases.mark("load")
             return run_task(*a, **k)
 
-        ev.run_task = phased_run_task
+        report.run_task = phased_run_task  # what run_evaluation calls
         report = ev.run_evaluation([str(args.model)], ["wikitext2"], limit=args.limit, max_length=args.max_length,
                                    batch_size=args.batch_size, progress=False)
         phases.mark("score")
@@ -238,10 +239,11 @@ def check(model_dir: Path, tasks: list[str], limit: str, max_length: int, batch_
 
     import replaceme_jax.evaluation as ev
     from replaceme_jax.conversion import load_model, load_tokenizer
+    from replaceme_jax.evaluation import scoring
 
     model = load_model(str(model_dir))
     tokenizer = load_tokenizer(model)
-    chunked, full = ev._score_batch, full_logits_score_batch()
+    chunked, full = scoring._score_batch, full_logits_score_batch()
     limits = ev.parse_limits(limit, tasks)
     out = {}
     for name in tasks:
@@ -249,10 +251,10 @@ def check(model_dir: Path, tasks: list[str], limit: str, max_length: int, batch_
         runs = {}
         for _ in range(rounds):
             for label, fn in (("before", full), ("after", chunked)):
-                ev._score_batch = fn
+                scoring._score_batch = fn  # what score_requests calls
                 runs[label] = ev.run_task(model.params, model.config, tokenizer, task, max_length=max_length,
                                           batch_size=batch_size)
-        ev._score_batch = chunked
+        scoring._score_batch = chunked
         a, b = runs["before"].scores, runs["after"].scores
         diff = np.abs(a.logprob - b.logprob)
         out[name] = {

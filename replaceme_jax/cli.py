@@ -139,8 +139,7 @@ def cmd_distances(args) -> int:
 def cmd_evaluate(args) -> int:
     from pathlib import Path
 
-    from replaceme_jax.eval_generation import generation_table
-    from replaceme_jax.evaluation import markdown_table, run_evaluation
+    from replaceme_jax.evaluation import generation_table, markdown_table, run_evaluation
 
     report = run_evaluation(args.model, args.tasks or (), data_dir=args.data_dir, limit=args.limit,
                             max_length=args.max_length, batch_size=args.batch_size, output=args.output,

@@ -12,7 +12,7 @@ import torch
 
 import replaceme_jax.evaluation as ev
 from replaceme_jax import cli
-from replaceme_jax import eval_generation as gen
+from replaceme_jax.evaluation import generation as gen, scoring
 from replaceme_jax.conversion import load_model, load_tokenizer
 from replaceme_jax.errors import UsageError
 from replaceme_jax.models import family_for, llama
@@ -99,7 +99,7 @@ def test_scoring_never_builds_batch_by_vocabulary_logits(tied):
         return max(_intermediate_sizes(jax.make_jaxpr(fn)(params, *batch).jaxpr))
 
     def score(chunk):
-        return functools.partial(ev._score_batch, config=config, vocab_chunk=chunk)
+        return functools.partial(scoring._score_batch, config=config, vocab_chunk=chunk)
 
     def forward_only(params, ids, mask, *_):  # the model's own activations (attention scores are the largest)
         return llama.forward(params, config, ids, mask, compute_logits=False).hidden_states[-1]

@@ -1,0 +1,145 @@
+"""Task metrics on top of the scores: perplexity, multiple choice, LAMBADA, generation exact match.
+
+- ``perplexity(params, config, tokenizer, text)``, ``multiple_choice(..., items)``, ``lambada(..., pairs)``,
+  ``generation_exact_match(..., [(prompt, answer), ...])``: each returns a ``TaskResult``.
+
+Conventions (chosen so that numbers compare with published lm-eval tables and ``MODELS.md``):
+
+- Perplexity: the text is tokenised once (no BOS) and cut into non-overlapping windows of
+  ``max_length`` tokens, each scored on its own: its first token is context only, so a window predicts
+  ``max_length - 1`` tokens. A trailing partial window is dropped (a text shorter than one window is
+  one window). ``perplexity = exp(total NLL / predicted tokens)``.
+- Multiple choice: ``acc`` takes the argmax of the summed log-likelihood; ``acc_norm`` divides it by
+  the choice's length in characters without its leading space, as lm-eval's ``len(choice)`` and
+  MODELS.md do. The data README says bytes; the two differ only for the < 1% of choices with
+  non-ASCII text. WinoGrande (the same continuation after each context) has ``acc`` only.
+- LAMBADA: ``acc`` is 1 when greedy decoding produces every token of the last word; ``perplexity``
+  is ``exp(-mean per-item log-likelihood)`` (lm-eval's aggregation, per item, not per token).
+- Generation (``gen_exact``, ``gen:FILE``): greedy decoding with the KV-cache sampler of
+  ``replaceme_jax.generate``; see ``replaceme_jax.evaluation.generation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.evaluation.generation import (EXACT_MATCH_NEW_TOKENS, GENERATE_ROWS, Generations, exact_match,
+                                                 greedy_continuations)
+from replaceme_jax.evaluation.scoring import Scores, encode, loglikelihoods, score_requests
+
+
+@dataclasses.dataclass
+class TaskResult:
+    metrics: dict  # metric -> value, and "n": items (windows for perplexity)
+    scores: Scores | None  # per-request detail and timing (scoring tasks)
+    generations: Generations | None = None  # each item's greedy continuation and timing (generation tasks)
+
+    def timing(self) -> dict:
+        """Wall time and throughput: input tokens for scoring tasks, generated tokens for generation tasks."""
+        if self.generations is not None:
+            g = self.generations
+            return {"seconds": round(g.seconds, 3), "new_tokens": g.new_tokens,
+                    "tokens_per_second": round(g.tokens_per_second, 1)}
+        s = self.scores
+        return {"seconds": round(s.seconds, 3), "tokens": s.input_tokens,
+                "tokens_per_second": round(s.tokens_per_second, 1)}
+
+
+def perplexity_windows(token_ids: Sequence[int], window: int) -> list[np.ndarray]:
+    """Non-overlapping windows of ``window`` tokens; the trailing partial one is dropped."""
+    ids = np.asarray(token_ids, np.int64)
+    full = len(ids) // window
+    if full == 0:
+        return [ids] if len(ids) >= 2 else []
+    return [ids[i * window:(i + 1) * window] for i in range(full)]
+
+
+def perplexity_of_tokens(params, config, token_ids: Sequence[int], *, max_length: int = 1024,
+                         batch_size: int = 8, limit: int | None = None, progress: bool = False,
+                         desc: str = "perplexity") -> TaskResult:
+    """Perplexity over the first ``limit`` windows of ``max_length`` tokens, each scored on its own."""
+    windows = perplexity_windows(token_ids, max_length)[:limit]
+    if not windows:
+        raise ReplaceMeError("perplexity needs at least 2 tokens of text")
+    scores = score_requests(params, config, [(w[:1], w[1:]) for w in windows], max_length=max_length,
+                            batch_size=batch_size, progress=progress, desc=desc)
+    nll = -scores.logprob.sum() / scores.num_tokens.sum()
+    return TaskResult({"perplexity": float(math.exp(nll)), "n": len(windows)}, scores)
+
+
+def perplexity(params, config, tokenizer, text: str, **kwargs) -> TaskResult:
+    """Perplexity of ``text`` tokenised once with no special tokens (see ``perplexity_of_tokens``)."""
+    return perplexity_of_tokens(params, config, encode(tokenizer, [text])[0], **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultipleChoiceItem:
+    """One question: option ``j`` is the pair ``options[j] = (context, continuation)``."""
+
+    options: tuple[tuple[str, str], ...]
+    gold: int
+    norm_lengths: tuple[int, ...] | None = None  # acc_norm divisors; None: the item has acc only
+
+    @classmethod
+    def from_choices(cls, context: str, choices: Sequence[str], gold: int, delimiter: str = " "):
+        """The usual shape: one context, ``delimiter + choice`` per option, acc_norm by ``norm_length``."""
+        return cls(tuple((context, delimiter + c) for c in choices), gold, tuple(norm_length(c) for c in choices))
+
+
+def norm_length(choice: str) -> int:
+    """acc_norm divisor: characters of the choice without its leading space (lm-eval's ``len(choice)``,
+    whose choices never hold the space the prompt puts before them; HellaSwag's files do)."""
+    return len(choice[1:] if choice.startswith(" ") else choice)
+
+
+def multiple_choice(params, config, tokenizer, items: Sequence[MultipleChoiceItem], *, max_length: int = 1024,
+                    batch_size: int = 8, progress: bool = False, desc: str = "multiple choice") -> TaskResult:
+    """``acc`` (and ``acc_norm`` when every item has norm lengths) over the items."""
+    if not items:
+        raise ReplaceMeError("multiple_choice needs at least one item")
+    pairs = [option for item in items for option in item.options]
+    scores = loglikelihoods(params, config, tokenizer, pairs, max_length=max_length, batch_size=batch_size,
+                            progress=progress, desc=desc)
+    acc, acc_norm, offset = [], [], 0
+    with_norm = all(item.norm_lengths is not None for item in items)
+    for item in items:
+        lls = scores.logprob[offset:offset + len(item.options)]
+        offset += len(item.options)
+        acc.append(int(np.argmax(lls)) == item.gold)
+        if with_norm:
+            acc_norm.append(int(np.argmax(lls / np.asarray(item.norm_lengths, np.float64))) == item.gold)
+    metrics = {"acc": float(np.mean(acc))}
+    if with_norm:
+        metrics["acc_norm"] = float(np.mean(acc_norm))
+    metrics["n"] = len(items)
+    return TaskResult(metrics, scores)
+
+
+def lambada(params, config, tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int = 1024,
+            batch_size: int = 8, progress: bool = False, desc: str = "lambada") -> TaskResult:
+    """Greedy accuracy and perplexity of each continuation (give it as scored, leading space included)."""
+    if not pairs:
+        raise ReplaceMeError("lambada needs at least one item")
+    scores = loglikelihoods(params, config, tokenizer, pairs, max_length=max_length, batch_size=batch_size,
+                            progress=progress, desc=desc)
+    metrics = {"acc": float(scores.greedy.mean()), "perplexity": float(math.exp(-scores.logprob.mean())),
+               "n": len(pairs)}
+    return TaskResult(metrics, scores)
+
+
+def generation_exact_match(params, config, tokenizer, items: Sequence[tuple[str, str]], *,
+                           max_new_tokens: int = EXACT_MATCH_NEW_TOKENS, batch_size: int = GENERATE_ROWS,
+                           progress: bool = False, desc: str = "generation") -> TaskResult:
+    """``exact_match``: the share of (prompt, answer) items whose greedy continuation is the answer (see
+    ``eval_generation.exact_match``: first line, case and a trailing full stop ignored)."""
+    if not items:
+        raise ReplaceMeError("generation_exact_match needs at least one item")
+    generations = greedy_continuations(params, config, tokenizer, [p for p, _ in items], max_new_tokens=max_new_tokens,
+                                       rows=batch_size, progress=progress, desc=desc)
+    hits = [exact_match(text, answer) for text, (_, answer) in zip(generations.texts, items)]
+    return TaskResult({"exact_match": float(np.mean(hits)), "n": len(items)}, None, generations)
