@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import jax
 import numpy as np
@@ -26,6 +27,11 @@ def tiny(tmp_path_factory):
     reference = make_model(directory, "llama", num_attention_heads=4, num_key_value_heads=2)
     model = load_model(directory)
     return reference, model, load_tokenizer(model), directory
+
+
+def lm_eval_stderr(outcomes):
+    """lm-evaluation-harness's ``mean_stderr``: the sample standard deviation over sqrt(n)."""
+    return statistics.stdev([float(o) for o in outcomes]) / math.sqrt(len(outcomes))
 
 
 def words(rng, n):
@@ -127,23 +133,29 @@ def test_task_metrics_follow_lm_eval_from_transformers_loglikelihoods(tiny, tmp_
     with jax.default_matmul_precision("highest"):
         got = ev.run_task(model.params, model.config, tokenizer, arc, max_length=64, batch_size=4).metrics
     lls = [expected_lls(item) for item in arc.items]
-    acc = np.mean([np.argmax(ll) == item.gold for ll, item in zip(lls, arc.items)])
-    acc_norm = np.mean([np.argmax(ll / np.array(item.norm_lengths)) == item.gold for ll, item in zip(lls, arc.items)])
-    assert got == {"acc": acc, "acc_norm": acc_norm, "n": 5}
+    acc = [np.argmax(ll) == item.gold for ll, item in zip(lls, arc.items)]
+    acc_norm = [np.argmax(ll / np.array(item.norm_lengths)) == item.gold for ll, item in zip(lls, arc.items)]
+    assert list(got) == ["acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"]
+    assert (got["acc"], got["acc_norm"], got["n"]) == (np.mean(acc), np.mean(acc_norm), 5)
+    assert got["acc_stderr"] == pytest.approx(lm_eval_stderr(acc), rel=1e-12)
+    assert got["acc_norm_stderr"] == pytest.approx(lm_eval_stderr(acc_norm), rel=1e-12)
     assert arc.items[0].norm_lengths == tuple(len(c) for c in json.loads(
         (data / "arc_easy.jsonl").read_text().splitlines()[0])["choices"])  # characters, no leading space
 
     wino = ev.load_task("winogrande", data)
     with jax.default_matmul_precision("highest"):
         got = ev.run_task(model.params, model.config, tokenizer, wino, max_length=64, batch_size=4).metrics
-    acc = np.mean([np.argmax(expected_lls(item)) == item.gold for item in wino.items])
-    assert got == {"acc": acc, "n": 3}  # the same continuation everywhere: no acc_norm
+    acc = [np.argmax(expected_lls(item)) == item.gold for item in wino.items]
+    # The same continuation after every context: dividing by its length changes no argmax.
+    assert got == {"acc": np.mean(acc), "acc_stderr": pytest.approx(lm_eval_stderr(acc), rel=1e-12),
+                   "acc_norm": np.mean(acc), "acc_norm_stderr": pytest.approx(lm_eval_stderr(acc), rel=1e-12), "n": 3}
 
     lam = ev.load_task("lambada_openai", data, limit=3)
     with jax.default_matmul_precision("highest"):
         got = ev.run_task(model.params, model.config, tokenizer, lam, max_length=64, batch_size=2).metrics
     scored = [torch_score(reference, encode(c), encode(t), 64) for c, t in lam.items]
     assert got["n"] == 3 and got["acc"] == np.mean([g for _, g, _ in scored])
+    assert got["acc_stderr"] == pytest.approx(lm_eval_stderr([g for _, g, _ in scored]), rel=1e-12)
     assert got["perplexity"] == pytest.approx(math.exp(-np.mean([lp for lp, _, _ in scored])), rel=PER_TOKEN_ATOL)
 
     wiki = ev.load_task("wikitext2", data)
@@ -186,12 +198,29 @@ def test_cli_compares_models_writes_json_table_and_chart(tiny, tmp_path, capsys)
     assert entry["path"] == str(second) and entry["num_hidden_layers"] == 2
     assert list(entry["results"]) == tasks.split(",")
     assert entry["results"]["wikitext2"]["n"] == 3 and entry["results"]["arc_easy"]["n"] == 3
-    assert set(entry["results"]["arc_easy"]) == {"acc", "acc_norm", "n"}
-    assert set(entry["results"]["lambada_openai"]) == {"acc", "perplexity", "n"}
+    assert set(entry["results"]["arc_easy"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}
+    assert set(entry["results"]["lambada_openai"]) == {"acc", "acc_stderr", "perplexity", "n"}
+    assert set(entry["results"]["winogrande"]) == set(entry["results"]["arc_easy"])  # every MC task has both
     assert entry["results"][f"mc:{mc}"]["n"] == 2
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
     assert "| wikitext2 (n=3) | perplexity |" in table and "%)" in table
+    arc = {name: report["models"][name]["results"]["arc_easy"] for name in report["models"]}
+    first_cell = f"{arc[first.name]['acc_norm']:.4f} ± {arc[first.name]['acc_norm_stderr']:.4f}"
+    assert f"| arc_easy (n=3) | acc_norm | {first_cell} | {arc['second']['acc_norm']:.4f} ± " in table
+    assert "acc_stderr" not in table  # standard errors sit beside their metric, not on rows of their own
+
+
+@pytest.mark.parametrize("outcomes", [[1, 0], [1, 1, 1, 0], [0, 0, 0], [1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 1]])
+def test_accuracy_stderr_is_lm_evals_mean_stderr(outcomes):
+    got = ev.accuracy("acc", [bool(o) for o in outcomes])
+    p, n = np.mean(outcomes), len(outcomes)
+    assert got["acc"] == p and got["acc_stderr"] == pytest.approx(lm_eval_stderr(outcomes), rel=1e-12, abs=1e-15)
+    assert got["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), rel=1e-12, abs=1e-15)
+
+
+def test_a_single_item_has_no_stderr():
+    assert ev.accuracy("acc", [True]) == {"acc": 1.0, "acc_stderr": None}
 
 
 @pytest.mark.parametrize("rows, message", [

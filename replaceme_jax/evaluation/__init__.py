@@ -18,9 +18,9 @@ Dependencies run one way: scoring, generation <- metrics <- tasks <- report.
 
 from replaceme_jax.evaluation.generation import (EXACT_MATCH_NEW_TOKENS, GENERATE_ROWS, Generations, exact_match,
                                                  greedy_continuations, normalize_answer, prompt_ids)
-from replaceme_jax.evaluation.metrics import (MultipleChoiceItem, TaskResult, generation_exact_match, lambada,
-                                              multiple_choice, norm_length, perplexity, perplexity_of_tokens,
-                                              perplexity_windows)
+from replaceme_jax.evaluation.metrics import (MultipleChoiceItem, TaskResult, accuracy, binomial_stderr,
+                                              generation_exact_match, lambada, multiple_choice, norm_length, perplexity,
+                                              perplexity_of_tokens, perplexity_windows)
 from replaceme_jax.evaluation.report import (generation_table, markdown_cell, markdown_table, plot_report,
                                              run_evaluation)
 from replaceme_jax.evaluation.scoring import (LOGITS_CHUNK_BYTES, MIN_BUCKET, MIN_VOCAB_CHUNK, Scores, bucket_length,
@@ -35,7 +35,7 @@ __all__ = [
     "LOGITS_CHUNK_BYTES", "MIN_BUCKET", "MIN_VOCAB_CHUNK", "Scores", "bucket_length", "encode", "head_chunks",
     "loglikelihoods", "score_requests", "target_logprobs", "tokenize_pairs", "vocab_chunk_size",
     # metrics
-    "MultipleChoiceItem", "TaskResult", "generation_exact_match", "lambada", "multiple_choice", "norm_length",
+    "MultipleChoiceItem", "TaskResult", "accuracy", "binomial_stderr", "generation_exact_match", "lambada", "multiple_choice", "norm_length",
     "perplexity", "perplexity_of_tokens", "perplexity_windows",
     # generation
     "EXACT_MATCH_NEW_TOKENS", "GENERATE_ROWS", "Generations", "exact_match", "greedy_continuations",

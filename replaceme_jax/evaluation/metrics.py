@@ -12,9 +12,13 @@ Conventions (chosen so that numbers compare with published lm-eval tables and ``
 - Multiple choice: ``acc`` takes the argmax of the summed log-likelihood; ``acc_norm`` divides it by
   the choice's length in characters without its leading space, as lm-eval's ``len(choice)`` and
   MODELS.md do. The data README says bytes; the two differ only for the < 1% of choices with
-  non-ASCII text. WinoGrande (the same continuation after each context) has ``acc`` only.
+  non-ASCII text. WinoGrande's options share one continuation, so its ``acc_norm`` equals its ``acc``
+  (lm-eval reports ``acc`` only); it is there so that every multiple-choice task has both.
 - LAMBADA: ``acc`` is 1 when greedy decoding produces every token of the last word; ``perplexity``
   is ``exp(-mean per-item log-likelihood)`` (lm-eval's aggregation, per item, not per token).
+- Every accuracy (``acc``, ``acc_norm``, ``exact_match``) comes with ``<metric>_stderr``, the standard
+  error of a mean of n 0/1 outcomes as lm-eval computes it (sample standard deviation / sqrt(n), i.e.
+  ``sqrt(p (1 - p) / (n - 1))``); ``None`` when n is 1.
 - Generation (``gen_exact``, ``gen:FILE``): greedy decoding with the KV-cache sampler of
   ``replaceme_jax.generate``; see ``replaceme_jax.evaluation.generation``.
 """
@@ -50,6 +54,21 @@ class TaskResult:
                 "tokens_per_second": round(s.tokens_per_second, 1)}
 
 
+def binomial_stderr(outcomes: Sequence[bool]) -> float | None:
+    """Standard error of the mean of 0/1 ``outcomes``: lm-eval's ``mean_stderr`` (sample standard
+    deviation over sqrt(n)), which is ``sqrt(p (1 - p) / (n - 1))``; ``None`` for fewer than 2."""
+    n = len(outcomes)
+    if n < 2:
+        return None
+    p = float(np.mean(outcomes))
+    return math.sqrt(p * (1.0 - p) / (n - 1))
+
+
+def accuracy(name: str, outcomes: Sequence[bool]) -> dict:
+    """``{name: mean, name_stderr: binomial_stderr}`` of 0/1 outcomes."""
+    return {name: float(np.mean(outcomes)), f"{name}_stderr": binomial_stderr(outcomes)}
+
+
 def perplexity_windows(token_ids: Sequence[int], window: int) -> list[np.ndarray]:
     """Non-overlapping windows of ``window`` tokens; the trailing partial one is dropped."""
     ids = np.asarray(token_ids, np.int64)
@@ -83,7 +102,12 @@ class MultipleChoiceItem:
 
     options: tuple[tuple[str, str], ...]
     gold: int
-    norm_lengths: tuple[int, ...] | None = None  # acc_norm divisors; None: the item has acc only
+    norm_lengths: tuple[int, ...] | None = None  # acc_norm divisors; None: each continuation's norm_length
+
+    def divisors(self) -> np.ndarray:
+        """acc_norm's divisor of each option: ``norm_lengths``, else each continuation's ``norm_length``."""
+        lengths = self.norm_lengths or tuple(norm_length(continuation) for _, continuation in self.options)
+        return np.maximum(np.asarray(lengths, np.float64), 1.0)  # an option of spaces only: not a division by 0
 
     @classmethod
     def from_choices(cls, context: str, choices: Sequence[str], gold: int, delimiter: str = " "):
@@ -99,25 +123,19 @@ def norm_length(choice: str) -> int:
 
 def multiple_choice(params, config, tokenizer, items: Sequence[MultipleChoiceItem], *, max_length: int = 1024,
                     batch_size: int = 8, progress: bool = False, desc: str = "multiple choice") -> TaskResult:
-    """``acc`` (and ``acc_norm`` when every item has norm lengths) over the items."""
+    """``acc`` and ``acc_norm`` over the items, each with its standard error."""
     if not items:
         raise ReplaceMeError("multiple_choice needs at least one item")
     pairs = [option for item in items for option in item.options]
     scores = loglikelihoods(params, config, tokenizer, pairs, max_length=max_length, batch_size=batch_size,
                             progress=progress, desc=desc)
     acc, acc_norm, offset = [], [], 0
-    with_norm = all(item.norm_lengths is not None for item in items)
     for item in items:
         lls = scores.logprob[offset:offset + len(item.options)]
         offset += len(item.options)
         acc.append(int(np.argmax(lls)) == item.gold)
-        if with_norm:
-            acc_norm.append(int(np.argmax(lls / np.asarray(item.norm_lengths, np.float64))) == item.gold)
-    metrics = {"acc": float(np.mean(acc))}
-    if with_norm:
-        metrics["acc_norm"] = float(np.mean(acc_norm))
-    metrics["n"] = len(items)
-    return TaskResult(metrics, scores)
+        acc_norm.append(int(np.argmax(lls / item.divisors())) == item.gold)
+    return TaskResult({**accuracy("acc", acc), **accuracy("acc_norm", acc_norm), "n": len(items)}, scores)
 
 
 def lambada(params, config, tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int = 1024,
@@ -127,7 +145,7 @@ def lambada(params, config, tokenizer, pairs: Sequence[tuple[str, str]], *, max_
         raise ReplaceMeError("lambada needs at least one item")
     scores = loglikelihoods(params, config, tokenizer, pairs, max_length=max_length, batch_size=batch_size,
                             progress=progress, desc=desc)
-    metrics = {"acc": float(scores.greedy.mean()), "perplexity": float(math.exp(-scores.logprob.mean())),
+    metrics = {**accuracy("acc", scores.greedy), "perplexity": float(math.exp(-scores.logprob.mean())),
                "n": len(pairs)}
     return TaskResult(metrics, scores)
 
@@ -136,10 +154,10 @@ def generation_exact_match(params, config, tokenizer, items: Sequence[tuple[str,
                            max_new_tokens: int = EXACT_MATCH_NEW_TOKENS, batch_size: int = GENERATE_ROWS,
                            progress: bool = False, desc: str = "generation") -> TaskResult:
     """``exact_match``: the share of (prompt, answer) items whose greedy continuation is the answer (see
-    ``eval_generation.exact_match``: first line, case and a trailing full stop ignored)."""
+    ``generation.exact_match``: first line, case and a trailing full stop ignored)."""
     if not items:
         raise ReplaceMeError("generation_exact_match needs at least one item")
     generations = greedy_continuations(params, config, tokenizer, [p for p, _ in items], max_new_tokens=max_new_tokens,
                                        rows=batch_size, progress=progress, desc=desc)
     hits = [exact_match(text, answer) for text, (_, answer) in zip(generations.texts, items)]
-    return TaskResult({"exact_match": float(np.mean(hits)), "n": len(items)}, None, generations)
+    return TaskResult({**accuracy("exact_match", hits), "n": len(items)}, None, generations)

@@ -29,7 +29,6 @@ def _model_name(src: str, taken: dict) -> str:
     return name
 
 
-
 def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, data_dir: str | Path | None = None,
                    limit: int | str | dict | None = None, max_length: int = 1024, batch_size: int = 8,
                    output: str | Path | None = None, progress: bool = True, generate: str | Path | None = None,
@@ -84,7 +83,7 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
             if result.generations is not None:
                 entry.setdefault("outputs", {})[task.name] = result.generations.texts
             log.info("%s %s: %s (%.1f s, %.0f tokens/s)", src, task.name,
-                     ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()), timing["seconds"],
+                     ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if v is not None), timing["seconds"],
                      timing["tokens_per_second"])
         if prompts:
             generations = greedy_continuations(model.params, config, tokenizer, prompts, max_new_tokens=max_new_tokens,
@@ -108,15 +107,21 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
     return report
 
 
+STDERR = "_stderr"  # results[metric + STDERR]: the metric's standard error (accuracies)
+
+
 def _rows(report: dict) -> list[tuple[str, str, int]]:
-    """(task, metric, n) in task order, metrics as the first model reports them."""
+    """(task, metric, n) in task order, metrics as the first model reports them (standard errors go
+    with their metric, not on rows of their own)."""
     first = next(iter(report["models"].values()))["results"]
-    return [(task, metric, values.get("n")) for task, values in first.items() for metric in values if metric != "n"]
+    return [(task, metric, values.get("n")) for task, values in first.items() for metric in values
+            if metric != "n" and not metric.endswith(STDERR)]
 
 
 def markdown_table(report: dict) -> str:
-    """Models side by side; every model after the first also shows its score as % of the first's.
-    Empty when the report has no task results (``generation_table`` shows continuations)."""
+    """Models side by side, accuracies as ``value ± standard error``; every model after the first also
+    shows its score as % of the first's. Empty when the report has no task results (``generation_table``
+    shows continuations)."""
     if not _rows(report):
         return ""
     names = list(report["models"])
@@ -125,11 +130,14 @@ def markdown_table(report: dict) -> str:
         base = report["models"][names[0]]["results"][task][metric]
         cells = []
         for name in names:
-            value = report["models"][name]["results"].get(task, {}).get(metric)
+            results = report["models"][name]["results"].get(task, {})
+            value, stderr = results.get(metric), results.get(metric + STDERR)
             if value is None:
                 cells.append("-")
                 continue
             cell = f"{value:.2f}" if metric == "perplexity" else f"{value:.4f}"
+            if stderr is not None:
+                cell += f" ± {stderr:.4f}"
             if name != names[0]:
                 cell += f" ({100 * value / base:.1f}%)" if base else " (-)"
             cells.append(cell)
@@ -138,7 +146,8 @@ def markdown_table(report: dict) -> str:
 
 
 def plot_report(report: dict, path: str | Path) -> Path:
-    """Grouped bars, one per model: accuracies on the left, perplexities on the right."""
+    """Grouped bars, one per model: accuracies (with standard-error whiskers) on the left, perplexities
+    on the right."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -156,7 +165,10 @@ def plot_report(report: dict, path: str | Path) -> Path:
         for k, name in enumerate(names):
             results = report["models"][name]["results"]
             heights = [results.get(task, {}).get(metric, np.nan) for task, metric, _ in group]
-            ax.bar(x + (k - (len(names) - 1) / 2) * width, heights, width, label=name)
+            errors = [results.get(task, {}).get(metric + STDERR) for task, metric, _ in group]
+            errors = [np.nan if e is None else e for e in errors]
+            ax.bar(x + (k - (len(names) - 1) / 2) * width, heights, width, label=name,
+                   yerr=None if np.all(np.isnan(errors)) else errors, capsize=2)
         ax.set_xticks(x, [f"{task}\n{metric}" for task, metric, _ in group], fontsize=8)
         if title.startswith("perplexity"):
             ax.set_yscale("log")  # a pruned model can be 10^4 times the original: every bar stays visible
