@@ -1,5 +1,18 @@
 """Typed run configs: YAML files with the reference tool's key names, ``--set key=value`` overrides,
-and a clear error for an unknown key or a wrong type."""
+and a clear error for an unknown key or a wrong type.
+
+Both commands (``compress`` and ``experts``) are built from the same sections, one per concern, so a
+key means the same and is checked the same in both:
+
+- ``RunConfig``: the model, where the result goes, the seed and dtypes (top-level keys)
+- ``DataConfig``: calibration data (``data:``)
+- ``MeshConfig``: the device mesh (``mesh:``, which is itself the mapping of axis sizes)
+- a solver section per command (``solver:``): ``ReplaceMeSolver`` here, ``ExpertsSolver`` for ``experts``
+
+YAML keys are flat, as in the reference tool; ``data:`` and ``solver:`` may also be written as nested
+mappings (``data: {dataset: c4.jsonl, dataset_size: 256}``), and ``--set data.dataset_size=256``
+addresses a key by its section. A key given both flat and nested is an error.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +20,102 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 
 from replaceme_jax.errors import UsageError
 
 
+# ---------------------------------------------------------------------------------------------
+# Sections shared by the commands. A command may give a key another default (by declaring the field
+# again with the same type; tests/test_config.py checks the types agree), never another meaning.
+
+
+def _at_least_one(config, names) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UsageError(f"config key {name!r} must be >= 1 (got {value})")
+
+
 @dataclasses.dataclass
-class CompressConfig:
-    # --- reference ReplaceMe keys (same names and meaning) ---
-    method: Literal["lstsq", "cosine", "uidl"] = "lstsq"
-    model_path: str = "smollm2-135m"
-    # a data set, "self" (sample from the model), or a mixture: [{dataset: ..., ratio: ...}, ...]
+class RunConfig:
+    """The model, where the result goes, the run's seed and dtypes."""
+
+    model_path: str = ""  # HF directory, GGUF file, orbax checkpoint or a built-in name
+    save_path: str | None = None  # output directory
+    overwrite: bool = False  # replace a non-empty save_path
+    seed: int = 0  # held-out split, mixture shuffle, self sampling, solver randomness
+    dtype: str | None = None  # compute dtype (default: the checkpoint's)
+    save_dtype: str | None = None  # dtype of the exported model (default: the checkpoint's)
+
+    def validate_run(self, required: tuple[str, ...] = ()) -> None:
+        for name in required:
+            if not getattr(self, name):
+                raise UsageError(f"config key {name!r} is required")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Calibration data (``replaceme_jax.data.calibration_batches`` reads these keys)."""
+
+    # a local file (json/jsonl/parquet/csv/txt) or directory, a hub data set, "self" (sampled from the
+    # model), or a mixture: [{dataset: ..., ratio: ...}, ...] (see ``replaceme_jax.data.parse_mixture``)
     dataset: str | list = "self"
     dataset_column: str = "text"
     dataset_subset: str | None = None  # the split to read (the reference's name for it)
-    dataset_size: int = 64
+    dataset_size: int = 64  # calibration sequences (documents), split by ratio over a mixture
     batch_size: int = 8
-    max_length: int = 256
+    max_length: int = 256  # tokens per sequence (longer texts are truncated)
+    chat_format: Literal["slimorca"] | None = None
+    bucket: Literal["pow2", "longest"] | int = "pow2"  # batch length buckets ("longest" = the reference's)
+    sort_by_length: bool = True  # group similar lengths (less padding); false keeps the data order
+    # dataset: self (also as a mixture source)
+    self_temperature: float = 0.8  # 0.8 + top-p 0.95 gave fluent SmolLM2 text; 1.0 drifts into noise
+    self_top_k: int | None = None
+    self_top_p: float | None = 0.95
+    self_batch_size: int = 32  # decoding is memory-bound: wider batches are nearly free
+
+    def validate_data(self, dataset_needed: bool = True) -> None:
+        _at_least_one(self, ("dataset_size", "batch_size", "max_length", "self_batch_size", "self_top_k"))
+        if not isinstance(self.bucket, str) and self.bucket < 1:
+            raise UsageError(f"config key 'bucket' must be pow2, longest or a length >= 1 (got {self.bucket})")
+        if self.self_temperature < 0:
+            raise UsageError(f"config key 'self_temperature' must be >= 0 (got {self.self_temperature})")
+        if self.self_top_p is not None and not 0 < self.self_top_p <= 1:
+            raise UsageError(f"config key 'self_top_p' must be in (0, 1] (got {self.self_top_p})")
+        if dataset_needed:
+            check_dataset(self.dataset, self.dataset_size)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """The device mesh of the calibration passes: axis sizes ``{data: 4, fsdp: 1, tensor: 2}`` (omitted
+    axes are 1, one axis may be -1 for "the rest"); default: every device on ``data``. The axis names
+    are checked against ``replaceme_jax.sharding.MESH_AXES`` when the mesh is built, before any model
+    is loaded."""
+
+    mesh: dict | None = None
+
+    def validate_mesh(self) -> None:
+        for axis, size in (self.mesh or {}).items():
+            if not isinstance(axis, str) or isinstance(size, bool) or not isinstance(size, int) \
+                    or not (size >= 1 or size == -1):
+                raise UsageError(f"config key 'mesh': {axis!r} must be an axis name with a size >= 1 or -1 "
+                                 f"(got {size!r})")
+
+
+# ---------------------------------------------------------------------------------------------
+# compress / distances
+
+
+@dataclasses.dataclass
+class ReplaceMeSolver:
+    """What ReplaceMe removes and how T is fitted, validated and refined (``solver:``)."""
+
+    # --- reference ReplaceMe keys (same names and meaning) ---
+    method: Literal["lstsq", "cosine", "uidl"] = "lstsq"
     layers_to_skip: int = 8
     num_A: int = 1
     merge_consecutive: bool = True
@@ -34,26 +124,12 @@ class CompressConfig:
     diag: bool = False
     loss: Literal["cosine", "mse"] = "cosine"
     accurate: bool = False
-    distances_path: str | None = None  # write the distance profile here too (CSV)
-    save_path: str | None = "outputs/smollm2-135m-replaceme"  # null: write nothing (Python API use)
-    save_transform_only: bool = False  # write transforms.safetensors and the report, not the model
     min_distance_layer: int | None = None  # smallest block start considered (the reference ignores it; we honour it)
     use_4bit: bool = False  # reference option (bitsandbytes on CUDA); not supported here
     solver: Literal["adam"] = "adam"
     two_vectors: bool = False  # reference option; not supported
     thri: bool = False  # reference option; not supported
-    token: str | None = None  # reference option (hub token); unused offline
     # --- ours ---
-    seed: int = 0
-    dtype: str | None = None  # compute dtype for the capture passes (default: the checkpoint's)
-    save_dtype: str | None = None  # dtype of the exported model (default: the checkpoint's)
-    chat_format: Literal["slimorca"] | None = None
-    self_temperature: float = 0.8  # 0.8 + top-p 0.95 gave fluent SmolLM2 text; 1.0 drifts into noise
-    self_top_k: int | None = None
-    self_top_p: float | None = 0.95
-    self_batch_size: int = 32  # decoding is memory-bound: wider batches are nearly free
-    bucket: Literal["pow2", "longest"] | int = "pow2"  # batch length buckets ("longest" = the reference's)
-    sort_by_length: bool = True  # group similar lengths (less padding); false keeps the data order
     include_pad_rows: bool = False  # the reference fits pad rows too; set true to reproduce it
     # Position 0 carries SmolLM2's massive activation (an attention sink): fitted with the weight of
     # every other row it wrecks ordinary tokens, left out the map wrecks the sink (BENCHMARKS.md).
@@ -85,18 +161,10 @@ class CompressConfig:
     refine_lr: float = 1e-4
     refine_tokens: int = 16384  # calibration tokens the refinement cycles over
     refine_top_k: int = 64  # teacher tokens kept per position (the rest is one bucket)
-    mesh: dict | None = None  # e.g. {data: 4, fsdp: 1, tensor: 2}; default: every device on data
-    distributed: dict | None = None  # {coordinator_address, num_processes, process_id} or {auto: true}
-    overwrite: bool = False
-    # save the streaming state every N batches, or "auto": by time, at most ~5% of a pass; 0: never
-    checkpoint_every: int | Literal["auto"] = "auto"
 
-    def validate(self) -> "CompressConfig":
-        positive = ("dataset_size", "batch_size", "max_length", "layers_to_skip", "num_A", "cosine_epochs",
-                    "cosine_batch_rows", "cosine_max_tokens", "refine_steps", "refine_tokens", "refine_top_k")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UsageError(f"config key {name!r} must be >= 1 (got {getattr(self, name)})")
+    def validate_solver(self) -> None:
+        _at_least_one(self, ("layers_to_skip", "num_A", "cosine_epochs", "cosine_batch_rows", "cosine_max_tokens",
+                             "refine_steps", "refine_tokens", "refine_top_k"))
         if self.alpha != "auto" and self.alpha < 0:
             raise UsageError(f"config key 'alpha' must be >= 0 or auto (got {self.alpha})")
         if not 0 <= self.validation_fraction < 1:
@@ -111,8 +179,6 @@ class CompressConfig:
                 if getattr(self, key) == "auto":
                     raise UsageError(f"config key {key!r}: auto chooses on held-out data; with validation_fraction: 0 "
                                      f"give it a value")
-        if self.checkpoint_every != "auto" and self.checkpoint_every < 0:
-            raise UsageError(f"config key 'checkpoint_every' must be >= 0 or auto (got {self.checkpoint_every})")
         if self.cosine_lr <= 0:
             raise UsageError(f"config key 'cosine_lr' must be > 0 (got {self.cosine_lr})")
         if self.use_4bit:
@@ -122,7 +188,31 @@ class CompressConfig:
                 raise UsageError(f"config key {name!r}: structured transforms are not supported (use diag or full T)")
         if self.diag and self.method == "cosine":
             raise UsageError("config key 'diag' applies to method lstsq only")
-        check_dataset(self.dataset, self.dataset_size)
+
+
+@dataclasses.dataclass
+class CompressConfig(ReplaceMeSolver, MeshConfig, DataConfig, RunConfig):
+    """The ``compress`` and ``distances`` commands: the shared sections, ReplaceMe's solver keys, and
+    the keys below (outputs, multi-host start-up, resumable state)."""
+
+    SOLVER: ClassVar[type] = ReplaceMeSolver
+
+    model_path: str = "smollm2-135m"
+    save_path: str | None = "outputs/smollm2-135m-replaceme"  # null: write nothing (Python API use)
+    distances_path: str | None = None  # write the distance profile here too (CSV)
+    save_transform_only: bool = False  # write transforms.safetensors and the report, not the model
+    token: str | None = None  # reference option (hub token); unused offline
+    distributed: dict | None = None  # {coordinator_address, num_processes, process_id} or {auto: true}
+    # save the streaming state every N batches, or "auto": by time, at most ~5% of a pass; 0: never
+    checkpoint_every: int | Literal["auto"] = "auto"
+
+    def validate(self) -> "CompressConfig":
+        self.validate_run(required=("model_path",))
+        self.validate_data()
+        self.validate_mesh()
+        self.validate_solver()
+        if self.checkpoint_every != "auto" and self.checkpoint_every < 0:
+            raise UsageError(f"config key 'checkpoint_every' must be >= 0 or auto (got {self.checkpoint_every})")
         return self
 
 
@@ -183,12 +273,56 @@ def _check_type(name: str, value: Any, annotation) -> Any:
     raise TypeError(f"unhandled annotation {annotation} for {name}")
 
 
-def from_dict(cls, raw: dict, source: str = "config"):
+def _names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def sections(cls) -> dict[str, set[str]]:
+    """The nested sections a config class accepts (``data``, and ``solver`` when it has one) and
+    their keys. ``mesh:`` is not among them: it already is the mapping of axis sizes."""
+    out = {"data": _names(DataConfig)}
+    if getattr(cls, "SOLVER", None) is not None:
+        out["solver"] = _names(cls.SOLVER)
+    return out
+
+
+def flatten_sections(cls, raw: Mapping[str, Any], source: str = "config") -> dict:
+    """``raw`` with its nested sections (``data: {...}``, ``solver: {...}``) merged into the top level.
+
+    A key must belong to the section it is written in, and may not also be given at the top level.
+    ``solver: adam`` (a string, the reference tool's key) is a key, not a section."""
+    nested, fields = sections(cls), _names(cls)
+    is_section = {key: key in nested and (isinstance(value, Mapping) or key not in fields)
+                  for key, value in raw.items()}
+    flat = {key: value for key, value in raw.items() if not is_section[key]}
+    for section, entries in raw.items():
+        if not is_section[section]:
+            continue
+        if not isinstance(entries, Mapping):
+            raise UsageError(f"{source}: config section {section!r} must be a mapping of keys to values "
+                             f"(got {entries!r})")
+        for key, value in entries.items():
+            if key not in nested[section]:
+                home = next((name for name, keys in nested.items() if key in keys), None)
+                hint = (f" (it belongs in section {home!r})" if home else " (it is a top-level key)" if key in fields
+                        else did_you_mean(key, nested[section]))
+                raise UsageError(f"{source}: unknown config key {key!r} in section {section!r}{hint}")
+            if key in flat:
+                raise UsageError(f"{source}: config key {key!r} is given twice (at the top level and in section "
+                                 f"{section!r})")
+            flat[key] = value
+    return flat
+
+
+def from_dict(cls, raw: Mapping[str, Any], source: str = "config"):
+    """A validated ``cls`` from flat keys and/or nested sections (see ``flatten_sections``)."""
+    raw = flatten_sections(cls, raw, source)
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = _names(cls)
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise UsageError(f"{source}: unknown config key {unknown[0]!r}{did_you_mean(unknown[0], fields)}")
+        known = fields | set(sections(cls))
+        raise UsageError(f"{source}: unknown config key {unknown[0]!r}{did_you_mean(unknown[0], known)}")
     values = {name: _check_type(name, value, hints[name]) for name, value in raw.items()}
     return cls(**values).validate()
 
@@ -231,10 +365,23 @@ def load_config(cls, path: str | None, overrides: list[str] | None = None):
         if not isinstance(loaded, dict):
             raise UsageError(f"{path}: a config must be a mapping of keys to values")
         raw.update(loaded)
-    for text in overrides or []:
+    raw = flatten_sections(cls, raw, source)
+    for text in overrides or []:  # an override replaces the file's value, flat or nested
         key, value = parse_override(text)
-        raw[key] = value
+        raw.update(flatten_sections(cls, _nest(cls, key, value), "--set"))
     return from_dict(cls, raw, source)
+
+
+def _nest(cls, key: str, value: Any) -> dict:
+    """``data.dataset_size`` -> ``{"data": {"dataset_size": value}}``; a plain key as it is."""
+    if "." not in key:
+        return {key: value}
+    section, sub = key.split(".", 1)
+    known = sections(cls)
+    if section not in known:
+        raise UsageError(f"--set {key}: no config section {section!r} (sections: {', '.join(known)})"
+                         f"{did_you_mean(section, known)}")
+    return {section: {sub: value}}
 
 
 def to_dict(config) -> dict:

@@ -123,7 +123,7 @@ def calibration_sequences(cfg, tokenizer, params=None, config=None) -> tuple[lis
 def batches_for(cfg, sequences: Sequence[np.ndarray], tokenizer, sources: tuple[dict, ...] = ()) -> Batches:
     """``make_batches`` with a run config's batch size, length and bucketing."""
     batches = make_batches(sequences, cfg.batch_size, cfg.max_length, pad_token_id(tokenizer), bucket=cfg.bucket,
-                           sort_by_length=getattr(cfg, "sort_by_length", True))
+                           sort_by_length=cfg.sort_by_length)
     return dataclasses.replace(batches, sources=sources)
 
 
