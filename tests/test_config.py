@@ -128,3 +128,14 @@ def test_an_experts_config_has_no_solver_string_key(tmp_path):
     raw = {"model_path": "m", "save_path": "out", "dataset": "self", "num_experts": 2, "solver": "adam"}
     with pytest.raises(UsageError, match="config section 'solver' must be a mapping"):
         from_dict(ExpertsConfig, raw)
+
+
+def test_the_nested_example_in_the_readme_loads_like_its_flat_form():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Config files"):]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    flat = {k: v for k, v in example.items() if k not in ("data", "solver")} | example["data"] | example["solver"]
+    assert from_dict(CompressConfig, example) == from_dict(CompressConfig, flat)
