@@ -122,12 +122,16 @@ def distances(model: ModelLike, data: DataLike = None, *, tokenizer=None, **opti
     return compress(model, data, tokenizer=tokenizer, distances_only=True, **options).distances
 
 
-def evaluate(models: Sequence[str | Path], tasks: str | Sequence[str], **options) -> dict:
+def evaluate(models: Sequence[str | Path], tasks: str | Sequence[str], *, reference: str | Path | None = None,
+             **options) -> dict:
     """Score saved models (paths or built-in names) on tasks, as ``replaceme-jax evaluate``; returns
-    the report dict (``options``: ``limit``, ``max_length``, ``batch_size``, ``data_dir``, ``output``)."""
+    the report dict (``options``: ``limit``, ``max_length``, ``batch_size``, ``data_dir``, ``output``,
+    ``generate``, ``max_new_tokens``). ``reference``: a model with the same tokenizer; every scoring task
+    then adds ``kl`` (mean KL(reference || model) per scored token) and ``top1_agreement``."""
     from replaceme_jax.evaluation import run_evaluation
 
-    return run_evaluation([str(m) for m in models], tasks, **options)
+    return run_evaluation([str(m) for m in models], tasks, reference=None if reference is None else str(reference),
+                          **options)
 
 
 def compress_experts(model: str | Path, data: DataLike = None, **options):

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts, one a line: every model's greedy continuation side by side in the report "
                         "and a printed table")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per --generate prompt")
+    p.add_argument("--reference", default=None, metavar="MODEL",
+                   help="a model with the same tokenizer (the original, say): every scoring task adds the mean "
+                        "KL(reference || model) and top-1 agreement on the tokens it scores")
     p.add_argument("--output", default=None, help="JSON report; a bar chart PNG is written next to it")
     _add_common(p)
     return parser
@@ -143,7 +146,8 @@ def cmd_evaluate(args) -> int:
 
     report = run_evaluation(args.model, args.tasks or (), data_dir=args.data_dir, limit=args.limit,
                             max_length=args.max_length, batch_size=args.batch_size, output=args.output,
-                            progress=not args.quiet, generate=args.generate, max_new_tokens=args.max_new_tokens)
+                            progress=not args.quiet, generate=args.generate, max_new_tokens=args.max_new_tokens,
+                            reference=args.reference)
     tables = [markdown_table(report), generation_table(report) if "generation" in report else ""]
     print("\n\n".join(t for t in tables if t))
     if args.output:

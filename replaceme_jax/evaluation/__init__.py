@@ -6,7 +6,8 @@ One module a job; this package re-exports their public names, so ``from replacem
 import X`` works for all of them:
 
 - ``scoring``: token-level log-likelihoods with the LM head streamed over vocabulary chunks
-  (``score_requests``, ``loglikelihoods``, ``target_logprobs``).
+  (``score_requests``, ``loglikelihoods``, ``target_logprobs``), and the comparison with a reference
+  model on the same tokens (``Reference``, ``reference_divergence``).
 - ``metrics``: task metrics on those scores (``perplexity``, ``multiple_choice``, ``lambada``,
   ``generation_exact_match``) and their conventions.
 - ``generation``: greedy continuations and exact match.
@@ -23,20 +24,21 @@ from replaceme_jax.evaluation.metrics import (MultipleChoiceItem, TaskResult, ac
                                               perplexity_of_tokens, perplexity_windows)
 from replaceme_jax.evaluation.report import (generation_table, markdown_cell, markdown_table, plot_report,
                                              run_evaluation)
-from replaceme_jax.evaluation.scoring import (LOGITS_CHUNK_BYTES, MIN_BUCKET, MIN_VOCAB_CHUNK, Scores, bucket_length,
-                                              encode, head_chunks, loglikelihoods, score_requests, target_logprobs,
-                                              tokenize_pairs, vocab_chunk_size)
+from replaceme_jax.evaluation.scoring import (LOGITS_CHUNK_BYTES, MIN_BUCKET, MIN_VOCAB_CHUNK, Reference, Scores,
+                                              bucket_length, encode, head_chunks, loglikelihoods, reference_divergence,
+                                              score_requests, target_logprobs, tokenize_pairs, vocab_chunk_size)
 from replaceme_jax.evaluation.tasks import (BUNDLED_DIR, PREFIX_KINDS, REPO_ROOT, TASK_HELP, TASKS, Task, TaskSpec,
                                             bundled_task_file, default_data_dir, load_task, parse_limits,
                                             parse_task_list, read_prompts, run_task)
 
 __all__ = [
     # scoring
-    "LOGITS_CHUNK_BYTES", "MIN_BUCKET", "MIN_VOCAB_CHUNK", "Scores", "bucket_length", "encode", "head_chunks",
-    "loglikelihoods", "score_requests", "target_logprobs", "tokenize_pairs", "vocab_chunk_size",
+    "LOGITS_CHUNK_BYTES", "MIN_BUCKET", "MIN_VOCAB_CHUNK", "Reference", "Scores", "bucket_length", "encode",
+    "head_chunks", "loglikelihoods", "reference_divergence", "score_requests", "target_logprobs", "tokenize_pairs",
+    "vocab_chunk_size",
     # metrics
-    "MultipleChoiceItem", "TaskResult", "accuracy", "binomial_stderr", "generation_exact_match", "lambada", "multiple_choice", "norm_length",
-    "perplexity", "perplexity_of_tokens", "perplexity_windows",
+    "MultipleChoiceItem", "TaskResult", "accuracy", "binomial_stderr", "generation_exact_match", "lambada",
+    "multiple_choice", "norm_length", "perplexity", "perplexity_of_tokens", "perplexity_windows",
     # generation
     "EXACT_MATCH_NEW_TOKENS", "GENERATE_ROWS", "Generations", "exact_match", "greedy_continuations",
     "normalize_answer", "prompt_ids",

@@ -19,6 +19,13 @@ Conventions (chosen so that numbers compare with published lm-eval tables and ``
 - Every accuracy (``acc``, ``acc_norm``, ``exact_match``) comes with ``<metric>_stderr``, the standard
   error of a mean of n 0/1 outcomes as lm-eval computes it (sample standard deviation / sqrt(n), i.e.
   ``sqrt(p (1 - p) / (n - 1))``); ``None`` when n is 1.
+- Damage against a reference model (``reference=Reference(params, config)``, same vocabulary): ``kl``,
+  the mean over scored tokens of ``KL(reference || model)`` of the next-token distributions (nats), and
+  ``top1_agreement``, the share of scored tokens where both models' argmax is the same token. The
+  scored tokens are exactly those the task's log-likelihoods read: every predicted token of every
+  perplexity window; the continuation tokens of every choice of a multiple-choice item (not only the
+  gold one: the wrong choices' likelihoods decide ``acc`` as much as the right one's); LAMBADA's last
+  word. Generation tasks score no tokens and get neither.
 - Generation (``gen_exact``, ``gen:FILE``): greedy decoding with the KV-cache sampler of
   ``replaceme_jax.generate``; see ``replaceme_jax.evaluation.generation``.
 """
@@ -34,7 +41,7 @@ import numpy as np
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.evaluation.generation import (EXACT_MATCH_NEW_TOKENS, GENERATE_ROWS, Generations, exact_match,
                                                  greedy_continuations)
-from replaceme_jax.evaluation.scoring import Scores, encode, loglikelihoods, score_requests
+from replaceme_jax.evaluation.scoring import Reference, Scores, encode, loglikelihoods, score_requests
 
 
 @dataclasses.dataclass
@@ -69,6 +76,14 @@ def accuracy(name: str, outcomes: Sequence[bool]) -> dict:
     return {name: float(np.mean(outcomes)), f"{name}_stderr": binomial_stderr(outcomes)}
 
 
+def divergence(scores: Scores) -> dict:
+    """``kl`` and ``top1_agreement`` per scored token of scores taken with a reference; ``{}`` without one."""
+    if scores.kl is None:
+        return {}
+    tokens = int(scores.num_tokens.sum())
+    return {"kl": float(scores.kl.sum() / tokens), "top1_agreement": float(scores.top1.sum() / tokens)}
+
+
 def perplexity_windows(token_ids: Sequence[int], window: int) -> list[np.ndarray]:
     """Non-overlapping windows of ``window`` tokens; the trailing partial one is dropped."""
     ids = np.asarray(token_ids, np.int64)
@@ -80,15 +95,15 @@ def perplexity_windows(token_ids: Sequence[int], window: int) -> list[np.ndarray
 
 def perplexity_of_tokens(params, config, token_ids: Sequence[int], *, max_length: int = 1024,
                          batch_size: int = 8, limit: int | None = None, progress: bool = False,
-                         desc: str = "perplexity") -> TaskResult:
+                         desc: str = "perplexity", reference: Reference | None = None) -> TaskResult:
     """Perplexity over the first ``limit`` windows of ``max_length`` tokens, each scored on its own."""
     windows = perplexity_windows(token_ids, max_length)[:limit]
     if not windows:
         raise ReplaceMeError("perplexity needs at least 2 tokens of text")
     scores = score_requests(params, config, [(w[:1], w[1:]) for w in windows], max_length=max_length,
-                            batch_size=batch_size, progress=progress, desc=desc)
+                            batch_size=batch_size, progress=progress, desc=desc, reference=reference)
     nll = -scores.logprob.sum() / scores.num_tokens.sum()
-    return TaskResult({"perplexity": float(math.exp(nll)), "n": len(windows)}, scores)
+    return TaskResult({"perplexity": float(math.exp(nll)), **divergence(scores), "n": len(windows)}, scores)
 
 
 def perplexity(params, config, tokenizer, text: str, **kwargs) -> TaskResult:
@@ -122,31 +137,34 @@ def norm_length(choice: str) -> int:
 
 
 def multiple_choice(params, config, tokenizer, items: Sequence[MultipleChoiceItem], *, max_length: int = 1024,
-                    batch_size: int = 8, progress: bool = False, desc: str = "multiple choice") -> TaskResult:
+                    batch_size: int = 8, progress: bool = False, desc: str = "multiple choice",
+                    reference: Reference | None = None) -> TaskResult:
     """``acc`` and ``acc_norm`` over the items, each with its standard error."""
     if not items:
         raise ReplaceMeError("multiple_choice needs at least one item")
     pairs = [option for item in items for option in item.options]
     scores = loglikelihoods(params, config, tokenizer, pairs, max_length=max_length, batch_size=batch_size,
-                            progress=progress, desc=desc)
+                            progress=progress, desc=desc, reference=reference)
     acc, acc_norm, offset = [], [], 0
     for item in items:
         lls = scores.logprob[offset:offset + len(item.options)]
         offset += len(item.options)
         acc.append(int(np.argmax(lls)) == item.gold)
         acc_norm.append(int(np.argmax(lls / item.divisors())) == item.gold)
-    return TaskResult({**accuracy("acc", acc), **accuracy("acc_norm", acc_norm), "n": len(items)}, scores)
+    return TaskResult({**accuracy("acc", acc), **accuracy("acc_norm", acc_norm), **divergence(scores),
+                       "n": len(items)}, scores)
 
 
 def lambada(params, config, tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int = 1024,
-            batch_size: int = 8, progress: bool = False, desc: str = "lambada") -> TaskResult:
+            batch_size: int = 8, progress: bool = False, desc: str = "lambada",
+            reference: Reference | None = None) -> TaskResult:
     """Greedy accuracy and perplexity of each continuation (give it as scored, leading space included)."""
     if not pairs:
         raise ReplaceMeError("lambada needs at least one item")
     scores = loglikelihoods(params, config, tokenizer, pairs, max_length=max_length, batch_size=batch_size,
-                            progress=progress, desc=desc)
+                            progress=progress, desc=desc, reference=reference)
     metrics = {**accuracy("acc", scores.greedy), "perplexity": float(math.exp(-scores.logprob.mean())),
-               "n": len(pairs)}
+               **divergence(scores), "n": len(pairs)}
     return TaskResult(metrics, scores)
 
 

@@ -12,9 +12,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from replaceme_jax.errors import UsageError
+from replaceme_jax.errors import ReplaceMeError, UsageError
 from replaceme_jax.evaluation.generation import greedy_continuations
 from replaceme_jax.evaluation.metrics import TaskResult
+from replaceme_jax.evaluation.scoring import Reference
 from replaceme_jax.evaluation.tasks import TASK_HELP, load_task, parse_limits, parse_task_list, read_prompts, run_task
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,17 @@ def _model_name(src: str, taken: dict) -> str:
 def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, data_dir: str | Path | None = None,
                    limit: int | str | dict | None = None, max_length: int = 1024, batch_size: int = 8,
                    output: str | Path | None = None, progress: bool = True, generate: str | Path | None = None,
-                   max_new_tokens: int = 32) -> dict:
+                   max_new_tokens: int = 32, reference: str | Path | None = None) -> dict:
     """Evaluate each model on each task, and greedily continue each prompt of ``generate`` (a file, one
     prompt a line) with each model; write the JSON report (and a bar chart beside it) if asked.
 
     ``limit``: see ``parse_limits`` (one number for every task, or per task). Task files and prompts are
     read and checked before any model is loaded, so a typo fails fast.
+
+    ``reference``: a model (same vocabulary) that every model is compared with on every scoring task:
+    ``kl`` and ``top1_agreement`` on the task's scored tokens (``metrics``). It stays loaded beside each
+    model in turn (both models' weights in memory; a model given by the same path is not loaded again);
+    a model whose vocabulary differs is refused when it is loaded, before it is scored.
     """
     from replaceme_jax.conversion import load_model, load_tokenizer
 
@@ -56,28 +62,36 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
     prompts = read_prompts(generate) if generate is not None else []
     from replaceme_jax.conversion.model_io import check_model_source
 
-    for src in models:  # a bad second model fails now, not after the first one is scored
-        check_model_source(src)
+    reference = str(reference) if reference is not None else None
+    for src in [*models, reference] if reference is not None else models:
+        check_model_source(src)  # a bad second model fails now, not after the first one is scored
     settings = {"tasks": [t.name for t in loaded_tasks], "files": {t.name: str(t.path) for t in loaded_tasks},
                 "limit": limit, "limits": limits, "max_length": max_length, "batch_size": batch_size,
                 "backend": jax.default_backend()}
     if generate is not None:
         settings.update(generate=str(generate), max_new_tokens=max_new_tokens)
+    if reference is not None:
+        settings["reference"] = reference
     report = {"settings": settings, "models": {}}
     continuations = []  # per model, in the order of `models`
+    reference_model = _load(load_model, reference) if reference is not None else None
     for src in models:
-        start = time.perf_counter()
-        model = load_model(src)
+        model = reference_model if reference is not None and _same_source(src, reference) else _load(load_model, src)
         tokenizer = load_tokenizer(model)
         config = model.config
-        log.info("loaded %s (%d layers) in %.1f s", src, config.num_hidden_layers, time.perf_counter() - start)
+        compare = None
+        if reference_model is not None:
+            if config.vocab_size != reference_model.config.vocab_size:
+                raise ReplaceMeError(f"{src}: a vocabulary of {config.vocab_size} tokens, the reference {reference} "
+                                     f"has {reference_model.config.vocab_size}: --reference needs the same tokenizer")
+            compare = Reference(reference_model.params, reference_model.config)
         if max_length > config.max_position_embeddings:
             log.warning("%s: --max-length %d exceeds max_position_embeddings %d", src, max_length,
                         config.max_position_embeddings)
         entry = {"path": str(src), "num_hidden_layers": config.num_hidden_layers, "results": {}, "timing": {}}
         for task in loaded_tasks:
             result = run_task(model.params, config, tokenizer, task, max_length=max_length, batch_size=batch_size,
-                              progress=progress)
+                              progress=progress, reference=compare)
             entry["results"][task.name] = result.metrics
             entry["timing"][task.name] = timing = result.timing()
             if result.generations is not None:
@@ -108,6 +122,19 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
 
 
 STDERR = "_stderr"  # results[metric + STDERR]: the metric's standard error (accuracies)
+
+
+def _load(load_model, src: str):
+    start = time.perf_counter()
+    model = load_model(src)
+    log.info("loaded %s (%d layers) in %.1f s", src, model.config.num_hidden_layers, time.perf_counter() - start)
+    return model
+
+
+def _same_source(a: str, b: str) -> bool:
+    """The same checkpoint: the same path once resolved, or the same built-in name."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
 
 def _rows(report: dict) -> list[tuple[str, str, int]]:
@@ -146,15 +173,16 @@ def markdown_table(report: dict) -> str:
 
 
 def plot_report(report: dict, path: str | Path) -> Path:
-    """Grouped bars, one per model: accuracies (with standard-error whiskers) on the left, perplexities
-    on the right."""
+    """Grouped bars, one per model: accuracies and top-1 agreement (with standard-error whiskers), then
+    perplexities, then KL to the reference, each panel present when the report has such metrics."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     names = list(report["models"])
     rows = _rows(report)
-    groups = [("accuracy", [r for r in rows if r[1] != "perplexity"]),
-              ("perplexity (lower is better)", [r for r in rows if r[1] == "perplexity"])]
+    groups = [("accuracy", [r for r in rows if r[1] not in ("perplexity", "kl")]),
+              ("perplexity (lower is better)", [r for r in rows if r[1] == "perplexity"]),
+              ("KL(reference || model), nats", [r for r in rows if r[1] == "kl"])]
     groups = [g for g in groups if g[1]]
     fig = Figure(figsize=(max(6.0, 1.2 * len(rows) * max(1, len(names)) / 2 + 3), 4.5))
     FigureCanvasAgg(fig)  # Agg on a standalone figure: no pyplot, no global backend switch

@@ -5,6 +5,9 @@ vocabulary.
   each continuation and whether greedy decoding reproduces it. Every scoring metric is built on this.
 - ``loglikelihoods(params, config, tokenizer, [(context, continuation), ...])``: the same on strings.
 - ``target_logprobs(chunk_logits, vocab_size, targets, chunk)``: the streamed log-softmax under all of it.
+- ``score_requests(..., reference=Reference(params, config))`` also compares the model with a reference
+  on the same scored tokens: ``KL(reference || model)`` of the next-token distributions and whether the
+  two argmaxes agree (``reference_divergence``, streamed over the same vocabulary chunks).
 
 Tokenisation (lm-evaluation-harness): context and continuation are tokenised separately with no special
 tokens and the continuation's tokens are appended. An empty context becomes the EOS token (lm-eval's
@@ -24,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +44,13 @@ MIN_BUCKET = 32
 # Token-level scoring
 
 
+class Reference(NamedTuple):
+    """The model that ``score_requests`` compares the scored model with; it must share the vocabulary."""
+
+    params: Any
+    config: Any
+
+
 @dataclasses.dataclass
 class Scores:
     """Per-request results of ``score_requests`` plus what throughput needs."""
@@ -52,6 +62,8 @@ class Scores:
     seconds: float  # wall time, compilation included
     warmup_seconds: float  # time of the batches that compiled a new shape
     warmup_tokens: int
+    kl: np.ndarray | None = None  # [N] float64, KL(reference || model) summed over the scored tokens
+    top1: np.ndarray | None = None  # [N] int, scored tokens where the model's and the reference's argmax agree
 
     @property
     def tokens_per_second(self) -> float:
@@ -88,6 +100,37 @@ def vocab_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int = 0,
     return int(min(max(chunk, MIN_VOCAB_CHUNK), vocab_size))
 
 
+def _fold_vocab(update, carry, vocab_size: int, chunk: int):
+    """``carry = update(carry, start, size)`` over the vocabulary chunks ``start .. start + size - 1``:
+    a ``lax.scan`` over the full chunks, then the shorter tail when ``chunk`` does not divide the vocabulary."""
+    full, tail = divmod(vocab_size, chunk)
+    if full == 1:
+        carry = update(carry, 0, chunk)
+    else:
+        carry, _ = jax.lax.scan(lambda c, i: (update(c, i * chunk, chunk), None), carry,
+                                jnp.arange(full, dtype=jnp.int32))
+    if tail:
+        carry = update(carry, full * chunk, tail)
+    return carry
+
+
+def _logsumexp_step(top, total, logits):
+    """One chunk of a streamed log-sum-exp: the new running maximum, ``sum exp(logit - maximum)`` so far,
+    the factor that rescaled the old sum, and the chunk's own maximum."""
+    chunk_top = jnp.max(logits, axis=-1)
+    new_top = jnp.maximum(top, chunk_top)
+    scale = jnp.exp(top - new_top)
+    return new_top, total * scale + jnp.sum(jnp.exp(logits - new_top[:, None]), axis=-1), scale, chunk_top
+
+
+def _pick(logits, targets, start, size, picked):
+    """``picked`` with each target's logit taken from the chunk ``start .. start + size - 1`` if it is there."""
+    local = targets - start
+    inside = (local >= 0) & (local < size)
+    value = jnp.take_along_axis(logits, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
+    return jnp.where(inside, value, picked)
+
+
 def target_logprobs(chunk_logits: Callable[[int | jax.Array, int], jax.Array], vocab_size: int,
                     targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
     """``log_softmax(logits)[n, targets[n]]`` and whether that logit is the row's maximum, for logits
@@ -102,28 +145,60 @@ def target_logprobs(chunk_logits: Callable[[int | jax.Array, int], jax.Array], v
     """
     chunk = int(min(max(chunk, 1), vocab_size))
     n = targets.shape[0]
-    full, tail = divmod(vocab_size, chunk)
 
     def update(carry, start, size):
         top, total, picked = carry
         logits = chunk_logits(start, size).astype(jnp.float32)
-        new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
-        total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[:, None]), axis=-1)
-        local = targets - start
-        inside = (local >= 0) & (local < size)
-        value = jnp.take_along_axis(logits, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
-        return new_top, total, jnp.where(inside, value, picked)
+        top, total, _, _ = _logsumexp_step(top, total, logits)
+        return top, total, _pick(logits, targets, start, size, picked)
 
     carry = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
-    if full == 1:
-        carry = update(carry, 0, chunk)
-    else:
-        carry, _ = jax.lax.scan(lambda c, i: (update(c, i * chunk, chunk), None), carry,
-                                jnp.arange(full, dtype=jnp.int32))
-    if tail:
-        carry = update(carry, full * chunk, tail)
-    top, total, picked = carry
+    top, total, picked = _fold_vocab(update, carry, vocab_size, chunk)
     return picked - (top + jnp.log(total)), picked >= top
+
+
+def reference_divergence(chunk_logits: Callable[[int | jax.Array, int], jax.Array],
+                         reference_chunk_logits: Callable[[int | jax.Array, int], jax.Array], vocab_size: int,
+                         targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``target_logprobs`` of the model, plus per row ``KL(reference || model)`` of the two next-token
+    distributions and whether the two argmaxes agree, in one pass over the vocabulary chunks of both
+    (``chunk_logits`` as in ``target_logprobs``; the same ids for both models).
+
+    With reference logits ``a`` (``p = softmax(a)``) and model logits ``b``,
+    ``KL = sum_v p_v (a_v - b_v) - logsumexp(a) + logsumexp(b)``; the sum runs as
+    ``sum_v exp(a_v - m_a) (a_v - b_v)``, rescaled with the reference's running maximum ``m_a`` like its
+    log-sum-exp. Argmaxes: the first id holding the running maximum (ties go to the lower id, as
+    ``argmax``), found with two plain reductions per chunk. Memory: one ``[N, chunk]`` block per model.
+    """
+    chunk = int(min(max(chunk, 1), vocab_size))
+    n = targets.shape[0]
+
+    def first_max(logits, chunk_top, start, size, top, arg):
+        ids = jnp.arange(size, dtype=jnp.int32)
+        first = jnp.min(jnp.where(logits == chunk_top[:, None], ids, size), axis=-1) + start
+        return jnp.where(chunk_top > top, first, arg)
+
+    def update(carry, start, size):
+        (top_q, total_q, picked, arg_q), (top_p, total_p, cross, arg_p) = carry
+        b = chunk_logits(start, size).astype(jnp.float32)
+        a = reference_chunk_logits(start, size).astype(jnp.float32)
+        new_top_q, total_q, _, chunk_top_q = _logsumexp_step(top_q, total_q, b)
+        new_top_p, total_p, scale, chunk_top_p = _logsumexp_step(top_p, total_p, a)
+        cross = cross * scale + jnp.sum(jnp.exp(a - new_top_p[:, None]) * (a - b), axis=-1)
+        model = (new_top_q, total_q, _pick(b, targets, start, size, picked),
+                 first_max(b, chunk_top_q, start, size, top_q, arg_q))
+        return model, (new_top_p, total_p, cross, first_max(a, chunk_top_p, start, size, top_p, arg_p))
+
+    def start_carry():
+        return (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32),
+                jnp.zeros((n,), jnp.int32))
+
+    (top_q, total_q, picked, arg_q), (top_p, total_p, cross, arg_p) = _fold_vocab(
+        update, (start_carry(), start_carry()), vocab_size, chunk)
+    log_z_q, log_z_p = top_q + jnp.log(total_q), top_p + jnp.log(total_p)
+    # KL >= 0; float32 rounding of the three terms can leave a few ulps below zero when the models agree.
+    kl = jnp.maximum(cross / total_p - log_z_p + log_z_q, 0.0)
+    return picked - log_z_q, picked >= top_q, kl, arg_q == arg_p
 
 
 def head_chunks(params, config, normed: jax.Array) -> Callable[[int | jax.Array, int], jax.Array]:
@@ -144,17 +219,40 @@ def head_chunks(params, config, normed: jax.Array) -> Callable[[int | jax.Array,
     return chunk_logits
 
 
-@functools.partial(jax.jit, static_argnames=("config", "vocab_chunk"))
-def _score_batch(params, input_ids, attention_mask, targets, target_mask, *, config, vocab_chunk):
+def _final_states(params, config, input_ids, attention_mask) -> jax.Array:
+    """The last hidden states after the final norm, ``[batch * length, hidden]``: what the LM head reads."""
     family = family_for(config.model_type)
     hidden = family.forward(params, config, input_ids, attention_mask, compute_logits=False).hidden_states[-1]
     b, s, d = hidden.shape
-    normed = family.final_norm(params, config, hidden).reshape(b * s, d)
+    return family.final_norm(params, config, hidden).reshape(b * s, d)
+
+
+def _row_sums(target_mask, logprob, is_top):
+    """Per row: the summed log-probability of its targets, and whether each target is the argmax."""
+    logprob = jnp.sum(jnp.where(target_mask, logprob.reshape(target_mask.shape), 0.0), axis=-1)
+    greedy = jnp.all(is_top.reshape(target_mask.shape) | ~target_mask, axis=-1)
+    return logprob, greedy
+
+
+@functools.partial(jax.jit, static_argnames=("config", "vocab_chunk"))
+def _score_batch(params, input_ids, attention_mask, targets, target_mask, *, config, vocab_chunk):
+    normed = _final_states(params, config, input_ids, attention_mask)
     logprob, is_top = target_logprobs(head_chunks(params, config, normed), config.vocab_size, targets.reshape(-1),
                                       vocab_chunk)
-    logprob = jnp.sum(jnp.where(target_mask, logprob.reshape(b, s), 0.0), axis=-1)
-    greedy = jnp.all(is_top.reshape(b, s) | ~target_mask, axis=-1)
-    return logprob, greedy
+    return _row_sums(target_mask, logprob, is_top)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "reference_config", "vocab_chunk"))
+def _compare_batch(params, reference_params, input_ids, attention_mask, targets, target_mask, *, config,
+                   reference_config, vocab_chunk):
+    """``_score_batch`` plus, per row, KL(reference || model) summed over the targets and the number of
+    targets where both models' argmax agree."""
+    heads = [head_chunks(p, c, _final_states(p, c, input_ids, attention_mask))
+             for p, c in ((params, config), (reference_params, reference_config))]
+    logprob, is_top, kl, agree = reference_divergence(*heads, config.vocab_size, targets.reshape(-1), vocab_chunk)
+    kl = jnp.sum(jnp.where(target_mask, kl.reshape(target_mask.shape), 0.0), axis=-1)
+    agree = jnp.sum(target_mask & agree.reshape(target_mask.shape), axis=-1)
+    return (*_row_sums(target_mask, logprob, is_top), kl, agree)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -171,6 +269,7 @@ def score_requests(
     progress: bool = False,
     desc: str = "scoring",
     vocab_chunk: int | None = None,
+    reference: Reference | None = None,
 ) -> Scores:
     """Summed log-probability of each continuation given its context, on token ids.
 
@@ -179,9 +278,17 @@ def score_requests(
     batch pads little, and put back in order. The log-softmax streams over the vocabulary in chunks of
     ``vocab_chunk`` ids (default: ``vocab_chunk_size`` of the batch, under ``LOGITS_CHUNK_BYTES``), so
     full-vocabulary logits are never held for a batch.
+
+    With a ``reference`` (same vocabulary), both models read the same batches and ``Scores.kl`` /
+    ``Scores.top1`` hold, per request, ``KL(reference || model)`` summed over the scored tokens and the
+    number of those where the two argmaxes agree; the default chunk then keeps both models' logits and
+    head slices under ``LOGITS_CHUNK_BYTES`` together.
     """
     if max_length < 2 or batch_size < 1:
         raise UsageError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
+    if reference is not None and reference.config.vocab_size != config.vocab_size:
+        raise ReplaceMeError(f"the reference has a vocabulary of {reference.config.vocab_size} tokens and the model "
+                             f"{config.vocab_size}: comparing them needs the same tokenizer")
     sequences, n_targets = [], []
     for i, (context, continuation) in enumerate(requests):
         if len(continuation) == 0:
@@ -196,8 +303,9 @@ def score_requests(
         n_targets.append(min(len(continuation), len(tokens) - 1))
     n = len(sequences)
     logprob, greedy = np.zeros(n, np.float64), np.zeros(n, bool)
+    kl, top1 = (np.zeros(n, np.float64), np.zeros(n, np.int64)) if reference is not None else (None, None)
     if n == 0:
-        return Scores(logprob, greedy, np.zeros(0, int), 0, 0.0, 0.0, 0)
+        return Scores(logprob, greedy, np.zeros(0, int), 0, 0.0, 0.0, 0, kl, top1)
 
     # A fixed row count per task (padded with empty rows) keeps the compiled shapes few.
     rows = min(batch_size, 1 << (n - 1).bit_length())
@@ -210,9 +318,9 @@ def score_requests(
     pending = None  # (indices, device results): fetched after the next batch is dispatched
 
     def collect(item):
-        indices, (lp, gr) = item
-        logprob[indices] = np.asarray(lp)[: len(indices)]
-        greedy[indices] = np.asarray(gr)[: len(indices)]
+        indices, results = item
+        for out, values in zip((logprob, greedy, kl, top1), results):
+            out[indices] = np.asarray(values)[: len(indices)]
         bar.update(len(indices))
 
     with _progress(n, desc, progress) as bar:
@@ -236,8 +344,14 @@ def score_requests(
                     collect(pending)
                     pending = None
                 t0 = time.perf_counter()
-            chunk = vocab_chunk or vocab_chunk_size(rows * length, config.vocab_size, config.hidden_size)
-            result = _score_batch(params, ids, mask, targets, target_mask, config=config, vocab_chunk=chunk)
+            if reference is None:
+                chunk = vocab_chunk or vocab_chunk_size(rows * length, config.vocab_size, config.hidden_size)
+                result = _score_batch(params, ids, mask, targets, target_mask, config=config, vocab_chunk=chunk)
+            else:  # two [tokens, chunk] blocks of logits and two head slices share the budget
+                chunk = vocab_chunk or vocab_chunk_size(2 * rows * length, config.vocab_size,
+                                                        config.hidden_size + reference.config.hidden_size)
+                result = _compare_batch(params, reference.params, ids, mask, targets, target_mask, config=config,
+                                        reference_config=reference.config, vocab_chunk=chunk)
             if new_shape:
                 jax.block_until_ready(result)
                 warmup_seconds += time.perf_counter() - t0
@@ -248,7 +362,8 @@ def score_requests(
             pending = (indices, result)
         collect(pending)
     seconds = time.perf_counter() - start
-    return Scores(logprob, greedy, np.asarray(n_targets), input_tokens, seconds, warmup_seconds, warmup_tokens)
+    return Scores(logprob, greedy, np.asarray(n_targets), input_tokens, seconds, warmup_seconds, warmup_tokens, kl,
+                  top1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +402,8 @@ def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[li
 
 
 def loglikelihoods(params, config, tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int = 1024,
-                   batch_size: int = 8, progress: bool = False, desc: str = "scoring") -> Scores:
+                   batch_size: int = 8, progress: bool = False, desc: str = "scoring",
+                   reference: Reference | None = None) -> Scores:
     """``score_requests`` on (context, continuation) strings."""
     return score_requests(params, config, tokenize_pairs(tokenizer, pairs), max_length=max_length,
-                          batch_size=batch_size, progress=progress, desc=desc)
+                          batch_size=batch_size, progress=progress, desc=desc, reference=reference)

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 from replaceme_jax.errors import ReplaceMeError, UsageError
 from replaceme_jax.evaluation.metrics import (MultipleChoiceItem, TaskResult, generation_exact_match, lambada,
                                               multiple_choice, norm_length, perplexity)
+from replaceme_jax.evaluation.scoring import Reference
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "eval_tasks"
@@ -283,8 +284,11 @@ def load_task(name: str, data_dir: str | Path | None = None, limit: int | None =
 
 
 def run_task(params, config, tokenizer, task: Task, *, max_length: int = 1024, batch_size: int = 8,
-             progress: bool = False) -> TaskResult:
-    kwargs = dict(max_length=max_length, batch_size=batch_size, progress=progress, desc=task.name)
+             progress: bool = False, reference: Reference | None = None) -> TaskResult:
+    """The task's metrics for one model; with a ``reference``, scoring tasks add ``kl`` and
+    ``top1_agreement`` on their scored tokens (generation tasks score none)."""
+    kwargs = dict(max_length=max_length, batch_size=batch_size, progress=progress, desc=task.name,
+                  reference=reference)
     if task.kind == "perplexity":
         return perplexity(params, config, tokenizer, task.text, limit=task.limit, **kwargs)
     if task.kind == "lambada":
