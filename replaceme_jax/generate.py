@@ -22,7 +22,7 @@ import numpy as np
 
 from replaceme_jax import interrupt
 from replaceme_jax.errors import ReplaceMeError, UnsupportedModelError
-from replaceme_jax.models import FAMILIES, family_for, llama
+from replaceme_jax.models import FAMILIES, attention, family_for, llama
 from replaceme_jax.models.common import Params, apply_rotary, rotary_cos_sin
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,9 @@ def init_cache(c: llama.LlamaConfig, batch: int, length: int, dtype) -> KVCache:
 
 def _cached_attention(p: dict, c: llama.LlamaConfig, x: jax.Array, start: jax.Array, cos, sin,
                       k_cache: jax.Array, v_cache: jax.Array, window: int | None, project):
-    """``llama._attention`` for tokens at positions ``start..start+S-1`` against the cache (written first);
-    ``project`` is the family's q/k/v projection."""
-    b, s, _ = x.shape
-    hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    """The family's attention for tokens at positions ``start..start+S-1`` against the cache (written
+    first); ``project`` is the family's q/k/v projection."""
+    s = x.shape[1]
     q, k, v = project(p, c, x)
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
@@ -66,18 +65,10 @@ def _cached_attention(p: dict, c: llama.LlamaConfig, x: jax.Array, start: jax.Ar
     # over (B, kv_heads); with T second, XLA on CPU transposed the whole cache in every step (2-3x slower).
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, start, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, start, 0))
-
-    q = q.reshape(b, s, hkv, hq // hkv, hd).transpose(0, 2, 3, 1, 4)  # [B, kv_heads, groups, S, hd]
-    scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, k_cache, preferred_element_type=jnp.float32) * c.attention_scale
-    scores = llama.softcap(scores, c.attention_softcap)
-    qpos = (start + jnp.arange(s, dtype=jnp.int32))[:, None]
-    kpos = jnp.arange(k_cache.shape[2], dtype=jnp.int32)[None, :]
-    allowed = kpos <= qpos  # also hides the cache slots not written yet
-    if window is not None:
-        allowed &= (qpos - kpos) < window
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v_cache).reshape(b, s, hq * hd)
+    out = attention.attend(q, k_cache, v_cache, scale=c.attention_scale,
+                           q_positions=(start + jnp.arange(s, dtype=jnp.int32))[None, :],
+                           k_positions=jnp.arange(k_cache.shape[2], dtype=jnp.int32)[None, :], window=window,
+                           logit_softcap=c.attention_softcap, implementation=c.attention_implementation)
     return llama._dense(p["o_proj"], out), k_cache, v_cache
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from replaceme_jax.errors import UnsupportedModelError
 from replaceme_jax.models import llama
+from replaceme_jax.models.attention import softcap
 from replaceme_jax.models.common import (
     DROP_FIELD,
     HostRewrite,
@@ -49,7 +50,6 @@ from replaceme_jax.models.llama import (
     ForwardOutput,
     run_layers,
     _dense,
-    softcap,
 )
 
 MODEL_TYPES = ("gemma2", "gemma3_text")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from replaceme_jax.errors import UnsupportedModelError
+from replaceme_jax.models import attention
 from replaceme_jax.models.common import (
     SUPPORTED_ROPE_TYPES,
     HostRewrite,
@@ -77,6 +78,8 @@ class LlamaConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
     max_position_embeddings: int = 2048
+    # not a checkpoint field: which attention runs (models/attention.py; "auto" = fused on GPU in bf16)
+    attention_implementation: str = "auto"
 
     def __post_init__(self):
         if not self.layer_types:
@@ -294,17 +297,20 @@ class AttentionContext:
     sin: jax.Array
     key_valid: jax.Array  # [B, S] bool
     positions: jax.Array  # [B, S] int
+    whole_sequence: bool = False  # positions are 0..S-1 (the plain forward): a fused kernel may run
 
 
 def attention_context(c: LlamaConfig, input_shape, attention_mask=None, positions=None) -> AttentionContext:
     b, s = input_shape
     if attention_mask is None:
         attention_mask = jnp.ones((b, s), jnp.int32)
+    whole_sequence = positions is None
     if positions is None:
         # transformers' plain forward numbers positions 0..S-1 whatever the padding (right padding is exact).
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
     cos, sin = rotary_cos_sin(positions, c.inv_freq)
-    return AttentionContext(cos=cos, sin=sin, key_valid=attention_mask.astype(bool), positions=positions)
+    return AttentionContext(cos=cos, sin=sin, key_valid=attention_mask.astype(bool), positions=positions,
+                            whole_sequence=whole_sequence)
 
 
 def project_qkv(p: dict, c: LlamaConfig, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -320,38 +326,16 @@ def project_qkv(p: dict, c: LlamaConfig, x: jax.Array) -> tuple[jax.Array, jax.A
     return q, k, v
 
 
-def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    """``cap * tanh(x / cap)`` (identity for ``cap=None``)."""
-    return x if cap is None else jnp.tanh(x / cap) * cap
-
-
 def _attention(p: dict, c: LlamaConfig, x: jax.Array, ctx: AttentionContext, window: int | None,
                project=project_qkv) -> jax.Array:
     """Causal self-attention; ``project`` gives q/k/v (a family with other q/k norms passes its own)."""
-    b, s, _ = x.shape
-    hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     q, k, v = project(p, c, x)
     q = apply_rotary(q, ctx.cos, ctx.sin)
     k = apply_rotary(k, ctx.cos, ctx.sin)
-
-    groups = hq // hkv
-    # [B, kv_heads, groups * S, hd]: one batched matmul per KV head (XLA:CPU runs this layout about
-    # 2x faster than a 5-D grouped einsum); query head j*groups+g is KV head j's group g, as in HF.
-    q = q.reshape(b, s, hkv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, groups * s, hd)
-    k = k.transpose(0, 2, 1, 3)
-    v = v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * c.attention_scale
-    scores = softcap(scores, c.attention_softcap).reshape(b, hkv, groups, s, s)
-    qpos = ctx.positions[:, :, None]
-    kpos = ctx.positions[:, None, :]
-    allowed = (kpos <= qpos) & ctx.key_valid[:, None, :]
-    if window is not None:
-        allowed &= (qpos - kpos) < window
-    # A finite floor keeps fully masked rows (left-padding queries) finite instead of NaN.
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, hkv, groups * s, s)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).reshape(b, hkv, groups, s, hd)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, hq * hd)
+    out = attention.attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=c.attention_scale,
+                           q_positions=ctx.positions, k_positions=ctx.positions, key_valid=ctx.key_valid,
+                           window=window, logit_softcap=c.attention_softcap, whole_sequence=ctx.whole_sequence,
+                           implementation=c.attention_implementation)
     return _dense(p["o_proj"], out)
 
 
