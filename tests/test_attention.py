@@ -69,6 +69,14 @@ def test_fused_call_maps_mask_padding_and_window_like_the_einsum_path(window):
     np.testing.assert_allclose(fused[0], plain[0], atol=1e-5)
 
 
+def test_fused_call_refuses_a_concrete_left_padded_mask():
+    q, k, v, key_valid, _ = _inputs()
+    pos = jnp.broadcast_to(jnp.arange(q.shape[1])[None, :], key_valid.shape)
+    with pytest.raises(ValueError, match="right padding"):
+        attention.attend(q, k, v, scale=0.3, q_positions=pos, k_positions=pos, key_valid=key_valid[:, ::-1],
+                         whole_sequence=True, implementation="xla")
+
+
 def test_auto_is_einsum_on_cpu_and_where_fusion_cannot_apply():
     assert attention.resolve_implementation("auto", jnp.bfloat16, None, True) == (
         "cudnn" if jax.default_backend() == "gpu" else "einsum")

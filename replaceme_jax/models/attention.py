@@ -19,6 +19,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, q_position
 def _fused(q, k, v, *, scale, key_valid, window, implementation):
     b, s, hq, hd = q.shape
     lengths = None
+    if key_valid is not None and not isinstance(key_valid, jax.core.Tracer):
+        # eager callers (a module called outside jit) are checked; the pipelines pad on the right
+        valid = np.asarray(key_valid, bool)
+        if (np.diff(valid.astype(np.int8), axis=-1) > 0).any():
+            raise ValueError("fused attention needs right padding (the attention mask a prefix of ones in each row); "
+                             "pad on the right or use attention_implementation='einsum'")
     if key_valid is not None:
         # right padding: the valid keys are a prefix; an empty filler row still sees its first key,
         # so its (ignored) output stays finite
