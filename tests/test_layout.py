@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "replaceme_jax"
 
 
@@ -73,3 +75,17 @@ def test_no_generic_top_level_package_is_installed():
     config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
     assert config["tool"]["setuptools"]["packages"]["find"]["include"] == ["replaceme_jax*"]
     assert not (PACKAGE.parent / "conversion" / "__init__.py").exists()
+
+
+def test_every_registered_family_provides_the_contract_and_a_partial_one_is_refused():
+    import types
+
+    from replaceme_jax.models import FAMILIES
+    from replaceme_jax.models.base import REQUIRED, check_family
+
+    for family in set(FAMILIES.values()):
+        assert all(callable(getattr(family, n)) for n in REQUIRED if n[0].islower()), family.__name__
+    partial = types.ModuleType("half_family")
+    partial.MODEL_TYPES, partial.forward = ("x",), lambda *a: None
+    with pytest.raises(TypeError, match="half_family lacks .*fold_output_map"):
+        check_family(partial)

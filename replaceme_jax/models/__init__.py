@@ -1,7 +1,5 @@
-"""Model families. Each family module provides ``config_from_hf``, ``param_specs``, ``forward`` and
-``decoder_layer``, the pieces a layer loop needs (``attention_context``, ``embed``, ``final_norm``,
-``lm_head``, ``layer_around_attention``, ``qkv_projection``) and ``fold_output_map`` (a map on the MLP
-branch written back into the weights); none of them knows any file format."""
+"""Model families: one module each, providing the contract of ``models/base.py`` (config parsing,
+parameter specs with logical axes, the one layer function, the fold of T); none knows any file format."""
 
 from __future__ import annotations
 
@@ -9,10 +7,10 @@ from types import ModuleType
 
 from replaceme_jax.errors import UnsupportedModelError
 from replaceme_jax.models import gemma, llama, moe
+from replaceme_jax.models.base import check_family
 
-FAMILIES: dict[str, ModuleType] = {model_type: llama for model_type in llama.MODEL_TYPES}
-FAMILIES.update({model_type: moe for model_type in moe.MODEL_TYPES})
-FAMILIES.update({model_type: gemma for model_type in gemma.MODEL_TYPES})
+# one line per family (models/base.py says what a family module provides)
+FAMILIES: dict[str, ModuleType] = {t: check_family(family) for family in (llama, moe, gemma) for t in family.MODEL_TYPES}
 
 
 def family_for(model_type: str | None) -> ModuleType:
