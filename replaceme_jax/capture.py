@@ -68,16 +68,10 @@ def angular_distance(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _run_layers(params, config, input_ids, attention_mask, num_layers):
-    family = family_for(config.model_type)
-    ctx = family.attention_context(config, input_ids.shape, attention_mask)
-    h = family.embed(params, input_ids)
-    hidden, ys, ms = [h], [], []
-    for index in range(num_layers):
-        h, y, m = family.decoder_layer(params["layers"][index], config, index, h, ctx)
-        hidden.append(h)
-        ys.append(y)
-        ms.append(m)
-    return hidden, ys, ms
+    """``(h_0..h_n, Y_k, M_k)`` of the first ``num_layers`` layers: the family's own forward."""
+    out = family_for(config.model_type).forward(params, config, input_ids, attention_mask, collect_layers=True,
+                                                num_layers=num_layers, compute_logits=False)
+    return out.hidden_states, out.attn_residuals, out.mlp_outputs
 
 
 # Row groups of the statistics: position 0 of each sequence ("first": the attention sink, with its
