@@ -169,3 +169,42 @@ def test_evaluate_is_the_api_function_and_scores_a_saved_model(model_dir, tmp_pa
     (entry,) = report["models"].values()
     (result,) = entry["results"].values()
     assert np.isfinite(result["perplexity"]) and result["perplexity"] > 1
+
+
+def test_compress_on_a_module_finds_a_planted_identity_block_and_keeps_the_logits(tmp_path):
+    from tests.test_replaceme import zero_layers
+
+    make_model(tmp_path / "m", "llama", num_hidden_layers=6)
+    zero_layers(tmp_path / "m", [2, 3])
+    model = rj.from_pretrained(tmp_path / "m")
+    result = rj.compress(model, texts(), layers_to_skip=2, max_length=48, batch_size=8)
+    assert result.report["blocks"] == [[2, 4]]
+    ids, mask = random_batch(128, [12, 7], seed=4)
+    with jax.default_matmul_precision("highest"):
+        before = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+        after = np.asarray(result.module()(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(after[mask.astype(bool)], before[mask.astype(bool)], atol=1e-4)
+
+
+def test_cli_compress_on_a_tiny_qwen2_moe_removes_a_planted_identity_block(tmp_path, capsys):
+    from replaceme_jax.cli import main
+    from tests.moe_helpers import MOE_CONFIGS, make_moe_model
+    from tests.test_replaceme import write_corpus, zero_layers
+
+    model_type, overrides = MOE_CONFIGS["qwen2_moe_shared"]
+    make_moe_model(tmp_path / "m", model_type, tokenizer=True, **dict(overrides, num_hidden_layers=5))
+    zero_layers(tmp_path / "m", [2, 3])
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    write_corpus(tmp_path / "data.jsonl")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_path: {tmp_path / 'm'}\ndataset: {tmp_path / 'data.jsonl'}\nlayers_to_skip: 2\n"
+                      f"max_length: 48\nsave_path: {tmp_path / 'out'}\n")
+    assert main(["compress", "--config", str(config), "-q"]) == 0
+    report = json.loads((tmp_path / "out" / "replaceme_report.json").read_text())
+    assert report["blocks"] == [[2, 4]]
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert type(pruned).__name__ == "Qwen2MoeForCausalLM" and pruned.config.num_hidden_layers == 3
+    ids, mask = random_batch(reference.config.vocab_size, [14, 9], seed=5)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(torch_logits(pruned, ids, mask)[valid], torch_logits(reference, ids, mask)[valid],
+                               atol=1e-4)

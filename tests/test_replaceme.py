@@ -46,7 +46,9 @@ def zero_layers(model_dir, layers):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     for i in layers:
         tensors[f"model.layers.{i}.self_attn.o_proj.weight"][:] = 0
-        tensors[f"model.layers.{i}.mlp.down_proj.weight"][:] = 0
+        # every down projection of the MLP: the dense one, each expert's, the shared expert's
+        for key in [k for k in tensors if k.startswith(f"model.layers.{i}.mlp.") and "down_proj" in k]:
+            tensors[key][:] = 0
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
