@@ -208,3 +208,32 @@ def test_cli_compress_on_a_tiny_qwen2_moe_removes_a_planted_identity_block(tmp_p
     valid = mask.astype(bool)
     np.testing.assert_allclose(torch_logits(pruned, ids, mask)[valid], torch_logits(reference, ids, mask)[valid],
                                atol=1e-4)
+
+
+def test_readme_python_api_example_runs(tmp_path):
+    """The README's first "Python API" block, on a tiny model instead of SmolLM2 (8 CPU devices)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    make_model(tmp_path / "m", "llama", num_hidden_layers=12)
+    (tmp_path / "wiki.txt").write_text(" ".join(texts(60, seed=2)))
+    code = code.replace('"smollm2-135m"', repr(str(tmp_path / "m"))).replace('"out/"', repr(str(tmp_path / "out")))
+    code = code.replace('"wikitext2,arc_easy"', repr(f"ppl:{tmp_path / 'wiki.txt'}"))
+    prelude = f"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax
+import numpy as np
+from tests.test_api import texts as make_texts
+texts = make_texts()
+input_ids = np.asarray([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]], np.int32)
+attention_mask = (input_ids > 0).astype(np.int32)
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "out" / "config.json").is_file()
