@@ -28,6 +28,7 @@ import numpy as np
 
 from replaceme_jax import interrupt
 from replaceme_jax.models import family_for
+from replaceme_jax.models.llama import run_layers
 from replaceme_jax.replaceme.merge import replace_block
 
 
@@ -74,13 +75,9 @@ def _next_token_nll(logits: jax.Array, targets: jax.Array, target_mask: jax.Arra
 @functools.partial(jax.jit, static_argnames=("config", "start"))
 def _prefix(params, input_ids, attention_mask, *, config, start):
     """Attention residual Y and MLP branch M of layer ``start - 1``: all a candidate T changes."""
-    family = family_for(config.model_type)
-    ctx = family.attention_context(config, input_ids.shape, attention_mask)
-    h = family.embed(params, input_ids)
-    y = m = None
-    for index in range(start):
-        h, y, m = family.decoder_layer(params["layers"][index], config, index, h, ctx)
-    return y, m
+    out = family_for(config.model_type).forward(params, config, input_ids, attention_mask, collect_layers=True,
+                                                num_layers=start, compute_logits=False)
+    return out.attn_residuals[-1], out.mlp_outputs[-1]
 
 
 def suffix_logits(params, T, y, m, attention_mask, *, config, start, precision=None):
@@ -90,9 +87,10 @@ def suffix_logits(params, T, y, m, attention_mask, *, config, start, precision=N
     ctx = family.attention_context(config, attention_mask.shape, attention_mask)
     h = (y.astype(jnp.float32) + jnp.einsum("bsd,de->bse", m.astype(jnp.float32), T,
                                              precision=precision)).astype(y.dtype)
-    for index in range(start, config.num_hidden_layers):
-        h, _, _ = family.decoder_layer(params["layers"][index], config, index, h, ctx)
-    return family.lm_head(params, config, family.final_norm(params, config, h))
+    return run_layers(params["layers"][start:], h,
+                      lambda i, layer, h: family.decoder_layer(layer, config, start + i, h, ctx),
+                      lambda h: family.lm_head(params, config, family.final_norm(params, config, h)),
+                      collect_layers=False, num_layers=None, compute_logits=True).logits
 
 
 @functools.partial(jax.jit, static_argnames=("config", "start"))
