@@ -3,7 +3,8 @@
 Layers are processed in order. Each layer's statistics come from one pass over the calibration
 batches; the layer is compressed; the residual streams then move on through the original layer
 (non-sequential) or the compressed one (sequential, REAM's default), so only one layer's
-activations are on the device at a time. Writes an HF directory with ``experts_report.json`` and
+activations are on the device at a time; between layers the streams wait on disk (``calibrate``), so
+memory does not grow with the calibration tokens. Writes an HF directory with ``experts_report.json`` and
 ``experts_recipe.json`` (kept experts, groups and every saliency per layer, reusable at other ratios).
 """
 
@@ -113,26 +114,30 @@ def _calibrate_and_compress(cfg: ExpertsConfig, model: LoadedModel, num_keep: in
     run = LayerwiseCalibration(model.params, config, [(b.input_ids, b.attention_mask) for b in batches],
                                dispatch=cfg.dispatch, sample_tokens=cfg.sample_tokens, seed=cfg.seed,
                                mesh=mesh if mesh is not None and mesh.size > 1 else None)
-    mlps, entries = [], []
-    num_layers = config.num_hidden_layers
-    with progress_bar(num_layers, f"{cfg.method} layers", unit="layer") as bar:
-        for index, layer in enumerate(model.params["layers"]):
-            with timer("statistics"):
-                stats, sample, outputs = run.statistics(layer, want_sample=True)
-            mlp, entry = _compress_layer(cfg, config, layer, stats, sample, num_keep, timer)
-            entry["tokens"] = int(stats.tokens)
-            if sample is not None:
-                with timer("reconstruction_error"):
-                    entry["reconstruction_error"] = reconstruction_error(layer["mlp"], mlp, config, jnp.asarray(sample))
-            mlps.append(mlp)
-            entries.append(entry)
-            if index + 1 < num_layers:
-                if cfg.is_sequential and num_keep < config.num_experts:
-                    with timer("recompute"):
-                        run.advance(dict(layer, mlp=mlp))
-                else:
-                    run.advance(outputs=outputs)
-            bar.update(1)
+    try:
+        mlps, entries = [], []
+        num_layers = config.num_hidden_layers
+        with progress_bar(num_layers, f"{cfg.method} layers", unit="layer") as bar:
+            for index, layer in enumerate(model.params["layers"]):
+                with timer("statistics"):
+                    stats, sample, outputs = run.statistics(layer, want_sample=True)
+                mlp, entry = _compress_layer(cfg, config, layer, stats, sample, num_keep, timer)
+                entry["tokens"] = int(stats.tokens)
+                if sample is not None:
+                    with timer("reconstruction_error"):
+                        entry["reconstruction_error"] = reconstruction_error(layer["mlp"], mlp, config,
+                                                                             jnp.asarray(sample))
+                mlps.append(mlp)
+                entries.append(entry)
+                if index + 1 < num_layers:
+                    if cfg.is_sequential and num_keep < config.num_experts:
+                        with timer("recompute"):
+                            run.advance(dict(layer, mlp=mlp))
+                    else:
+                        run.advance(outputs=outputs)
+                bar.update(1)
+    finally:
+        run.close()  # the spilled residual streams
     return mlps, entries, batches, run
 
 
