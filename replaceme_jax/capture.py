@@ -1,16 +1,21 @@
-"""Jitted capture passes that stream statistics over calibration batches.
+"""Capture passes that stream statistics over calibration batches.
 
-A step runs the decoder up to the last layer it needs (never the LM head) and returns per-batch
-sums: angular distances of candidate blocks on the last real token of each sequence, and the normal
-equations of the blocks being fitted. Sums are accumulated on host in float64, so memory is
-O(blocks x D^2) whatever the number of tokens.
+A batch walks the decoder layer by layer up to the last layer it needs (never the LM head): each step
+is the family's own layer, jitted with the layer's parameters as arguments, so every layer of one kind
+(Gemma: sliding or full) shares one compilation and compile time does not grow with depth. Jitted
+functions on the states the walk returns give the per-batch sums: angular distances of candidate
+blocks on the last real token of each sequence, and the normal equations of the blocks being fitted.
+
+The sums stay on the device, in float32 with Kahan compensation (the accumulators donated to each
+update): no device-to-host transfer per batch, and memory O(blocks x D^2) whatever the number of
+tokens. They reach the host, as float64 ``sum - compensation``, only when read or checkpointed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterable
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,155 +72,328 @@ def angular_distance(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.arccos(jnp.clip(cos, -1.0, 1.0)) / jnp.pi
 
 
-def _run_layers(params, config, input_ids, attention_mask, num_layers):
-    """``(h_0..h_n, Y_k, M_k)`` of the first ``num_layers`` layers: the family's own forward."""
-    out = family_for(config.model_type).forward(params, config, input_ids, attention_mask, collect_layers=True,
-                                                num_layers=num_layers, compute_logits=False)
-    return out.hidden_states, out.attn_residuals, out.mlp_outputs
-
-
 # Row groups of the statistics: position 0 of each sequence ("first": the attention sink, with its
 # massive activation) apart from every other fitted row ("rest"), so that including or excluding the
 # first position is a choice made at solve time, on held-out data, without another pass.
 GROUPS = ("rest", "first")
 # Batches are either fitted ("fit") or held out to validate the fit ("heldout").
 SPLITS = ("fit", "heldout")
+NO_BAD_BATCH = np.iinfo(np.int32).max  # the accumulators' "first non-finite batch" when there is none
+
+
+# --- the layer walk ---------------------------------------------------------------------------------
+
+
+def _canonical_layer(config, index: int) -> int:
+    # The layer index only chooses the attention window and rope table (its layer_types entry); mapping it
+    # to the first layer of the same kind lets every layer of that kind share one compilation.
+    return config.layer_types.index(config.layer_types[index])
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _embed_step(embed_params, input_ids, *, config):
+    return family_for(config.model_type).embed(embed_params, input_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layer_index", "branches"))
+def _layer_step(layer, h, attention_mask, *, config, layer_index: int, branches: bool):
+    family = family_for(config.model_type)
+    ctx = family.attention_context(config, attention_mask.shape, attention_mask)
+    h_next, y, m = family.decoder_layer(layer, config, layer_index, h, ctx)
+    return (h_next, y, m) if branches else (h_next, None, None)
+
+
+def walk_layers(params, config, input_ids, attention_mask, num_layers: int, branches_at=()):
+    """``(k, h_k, Y_k, M_k)`` for k = 0..num_layers: ``h_0`` the embeddings, ``h_k`` the output of layer
+    k-1, ``Y_k``/``M_k`` its residual after attention and MLP branch (only where k is in
+    ``branches_at``, else None). One jitted step per layer, the family's ``decoder_layer`` with the
+    layer's parameters as arguments; everything stays on the device and nothing waits for a step."""
+    h = _embed_step({"embed_tokens": params["embed_tokens"]}, input_ids, config=config)
+    yield 0, h, None, None
+    for k in range(num_layers):
+        h, y, m = _layer_step(params["layers"][k], h, attention_mask, config=config,
+                              layer_index=_canonical_layer(config, k), branches=k + 1 in branches_at)
+        yield k + 1, h, y, m
+
+
+# --- per-batch sums ---------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("config", "final"))
+def _distance_terms(h_start, h_end, attention_mask, norm_params, *, config, final: bool):
+    """``[angular distance summed over sequences (last real token), ||h_start - h_end||^2 and ||h_end||^2
+    summed over real tokens]`` of one block; ``final``: the distance compares the post-final-norm state."""
+    lengths = attention_mask.sum(-1)
+    last = jnp.maximum(lengths - 1, 0)
+    real = (lengths > 0).astype(jnp.float32)
+    rows = jnp.arange(h_start.shape[0])
+    compared = family_for(config.model_type).final_norm(norm_params, config, h_end) if final else h_end
+    distance = jnp.sum(angular_distance(h_start[rows, last], compared[rows, last]) * real)
+    # what dropping the block costs every real token: ||h_start - h_end||^2 against ||h_end||^2
+    token = attention_mask.astype(jnp.float32)
+    h_start, h_end = h_start.astype(jnp.float32), h_end.astype(jnp.float32)
+    return jnp.stack([distance, jnp.sum(token * jnp.sum((h_start - h_end) ** 2, -1)),
+                      jnp.sum(token * jnp.sum(h_end * h_end, -1))])
 
 
 def _gram_sums(m, target, h_end, w):
     mw = m * w[:, None]
     return (jnp.einsum("nd,ne->de", mw, m, precision=HIGHEST), jnp.einsum("nd,ne->de", mw, target, precision=HIGHEST),
-            jnp.sum(w * jnp.sum(target * target, -1)), jnp.sum(w * jnp.sum(h_end * h_end, -1)), jnp.sum(w > 0))
+            jnp.sum(w * jnp.sum(target * target, -1)), jnp.sum(w * jnp.sum(h_end * h_end, -1)),
+            jnp.sum(w > 0).astype(jnp.float32))
 
 
-def capture_step(params, config, spec: CaptureSpec, input_ids, attention_mask):
-    """Per-batch sums for ``spec`` (pure function; jit it with config and spec static).
-
-    Normal-equation sums have a leading axis of size 2 per block: the ``GROUPS`` rest and first.
-    """
-    hidden, ys, ms = _run_layers(params, config, input_ids, attention_mask, spec.num_layers_needed)
-    out = {}
-    if spec.distance_starts:
-        lengths = attention_mask.sum(-1)
-        last = jnp.maximum(lengths - 1, 0)
-        real = (lengths > 0).astype(jnp.float32)
-        rows = jnp.arange(input_ids.shape[0])
-        token = attention_mask.astype(jnp.float32)
-        dists, drop_sq, end_sq = [], [], []
-        for s in spec.distance_starts:
-            end = s + spec.distance_n
-            h_end = hidden[end]
-            if spec.reference_distance_state and end == config.num_hidden_layers:
-                h_end = family_for(config.model_type).final_norm(params, config, h_end)
-            dists.append(jnp.sum(angular_distance(hidden[s][rows, last], h_end[rows, last]) * real))
-            # what dropping the block costs every real token: ||h_start - h_end||^2 against ||h_end||^2
-            h_start, h_end = hidden[s].astype(jnp.float32), hidden[end].astype(jnp.float32)
-            drop_sq.append(jnp.sum(token * jnp.sum((h_start - h_end) ** 2, -1)))
-            end_sq.append(jnp.sum(token * jnp.sum(h_end * h_end, -1)))
-        out["distance_sum"] = jnp.stack(dists)
-        out["drop_sq"] = jnp.stack(drop_sq)
-        out["end_sq_all"] = jnp.stack(end_sq)
-        out["sequences"] = jnp.sum(real)
-    if spec.stats_blocks:
-        rest_weight = spec.rows.weights(attention_mask).at[:, 0].set(0.0).reshape(-1)
-        first_weight = (attention_mask[:, 0] > 0).astype(jnp.float32)  # right padding: position 0 is real
-        dim = config.hidden_size
-        sums = {name: [] for name in ("A", "B", "target_sq", "end_sq", "rows")}
-        for start, end in spec.stats_blocks:
-            m = ms[start - 1].astype(jnp.float32)
-            y = ys[start - 1].astype(jnp.float32)
-            h_end = hidden[end].astype(jnp.float32)
-            target = h_end - y
-            groups = []
-            for rows_m, rows_target, rows_end, w in (
-                    (m.reshape(-1, dim), target.reshape(-1, dim), h_end.reshape(-1, dim), rest_weight),
-                    (m[:, 0], target[:, 0], h_end[:, 0], first_weight)):  # B rows only: cheap
-                if spec.rows.normalize:
-                    w = w / jnp.maximum(jnp.sum(rows_target * rows_target, -1), 1e-12)
-                groups.append(_gram_sums(rows_m, rows_target, rows_end, w))
-            for name, values in zip(sums, zip(*groups)):
-                sums[name].append(jnp.stack(values))
-        out.update({name: jnp.stack(values) for name, values in sums.items()})  # [blocks, groups, ...]
-    return out
+def block_sums(m, y, h_end, attention_mask, rows: RowPolicy) -> dict:
+    """One batch's normal-equation sums of one block, ``[groups, ...]`` (``GROUPS``: rest, first):
+    A = M^T W M, B = M^T W (h_end - Y), and ``scalars`` = (sum ||target||^2, sum ||h_end||^2, rows)."""
+    dim = m.shape[-1]
+    m, y, h_end = (x.astype(jnp.float32) for x in (m, y, h_end))
+    target = h_end - y
+    rest_weight = rows.weights(attention_mask).at[:, 0].set(0.0).reshape(-1)
+    first_weight = (attention_mask[:, 0] > 0).astype(jnp.float32)  # right padding: position 0 is real
+    groups = []
+    for rows_m, rows_target, rows_end, w in (
+            (m.reshape(-1, dim), target.reshape(-1, dim), h_end.reshape(-1, dim), rest_weight),
+            (m[:, 0], target[:, 0], h_end[:, 0], first_weight)):  # B rows only: cheap
+        if rows.normalize:
+            w = w / jnp.maximum(jnp.sum(rows_target * rows_target, -1), 1e-12)
+        groups.append(_gram_sums(rows_m, rows_target, rows_end, w))
+    a, b, target_sq, end_sq, count = zip(*groups)
+    return {"A": jnp.stack(a), "B": jnp.stack(b),
+            "scalars": jnp.stack([jnp.stack(v) for v in zip(target_sq, end_sq, count)])}
 
 
-@functools.lru_cache(maxsize=32)
-def compiled_capture_step(config, spec: CaptureSpec):
-    return jax.jit(functools.partial(capture_step, config=config, spec=spec))
+# --- device-resident Kahan accumulation -------------------------------------------------------------
+#
+# Why Kahan rather than float32 partial sums flushed to a float64 host sum every K batches: it needs no
+# transfer at all until the sums are read (a flush is a sync and a D x D copy per block), its error does
+# not grow with the number of batches (a partial sum's grows with K), and the state is two float32 arrays
+# saved as they are, so a resumed run continues bitwise as the uninterrupted one. It costs a second
+# float32 array per sum and four adds per element per batch, against the 2 N D^2 of the Gram product.
+
+
+def _kahan(acc: dict, terms, batch_index) -> dict:
+    """``acc`` ({"sum", "comp", "bad"}) plus ``terms``; ``bad`` keeps the first batch whose terms were not finite."""
+    sums, treedef = jax.tree.flatten(acc["sum"])
+    comps = treedef.flatten_up_to(acc["comp"])
+    values = treedef.flatten_up_to(terms)
+    new_sums, new_comps = [], []
+    for s, c, x in zip(sums, comps, values):
+        corrected = x - c
+        t = s + corrected
+        new_comps.append((t - s) - corrected)
+        new_sums.append(t)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in values]))
+    bad = jnp.where(finite, acc["bad"], jnp.minimum(acc["bad"], batch_index))
+    return {"sum": treedef.unflatten(new_sums), "comp": treedef.unflatten(new_comps), "bad": bad}
+
+
+def _add_distances(acc, terms, attention_mask, batch_index):
+    new = {"terms": jnp.stack(terms, axis=1), "sequences": jnp.sum(attention_mask.sum(-1) > 0).astype(jnp.float32)}
+    return _kahan(acc, new, batch_index)
+
+
+def _add_block(acc, m, y, h_end, attention_mask, batch_index, rows: RowPolicy):
+    return _kahan(acc, block_sums(m, y, h_end, attention_mask, rows), batch_index)
+
+
+@functools.lru_cache(maxsize=8)
+def _updates(mesh):
+    """The jitted accumulator updates (accumulator donated); on a mesh their results are replicated,
+    so that every process holds the whole state and reads it without a collective."""
+    kwargs = {} if mesh is None else {"out_shardings": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
+    return (jax.jit(_add_distances, donate_argnums=0, **kwargs),
+            jax.jit(_add_block, donate_argnums=0, static_argnames=("rows",), **kwargs))
+
+
+def _read(x) -> np.ndarray:
+    """A device array on this host: a replicated one is read from a local copy (no collective)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return gather_to_host(x)
+    return np.asarray(x)
+
+
+def _host_sum(acc: dict) -> dict:
+    """float64 ``sum - compensation`` of an accumulator."""
+    return jax.tree.map(lambda s, c: _read(s).astype(np.float64) - _read(c).astype(np.float64), acc["sum"], acc["comp"])
+
+
+class _BlockView(Sequence):
+    """The float64 normal equations of one (split, group) per block, read from the device on first access."""
+
+    def __init__(self, owner: "StatsAccumulator", split: str, group: int):
+        self.owner, self.split, self.group = owner, split, group
+
+    def __len__(self):
+        return len(self.owner.spec.stats_blocks)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.owner._equations(self.split, i)[self.group]
 
 
 class StatsAccumulator:
-    """float64 host sums of capture-step outputs: distances over every batch, normal equations per
-    block, split (fit / held out) and row group (rest / first)."""
+    """Sums of capture-step outputs, on the device (float32, Kahan): distances over every batch, normal
+    equations per block, split (fit / held out) and row group (rest / first). Read on the host as
+    float64 (``sums``, ``distances``, ...); ``state_dict`` is the exact state (sums and compensations)."""
 
-    def __init__(self, spec: CaptureSpec, dim: int):
+    def __init__(self, spec: CaptureSpec, dim: int, mesh=None):
         self.spec = spec
-        self.distance_sum = np.zeros(len(spec.distance_starts))
-        self.drop_sq = np.zeros(len(spec.distance_starts))
-        self.end_sq = np.zeros(len(spec.distance_starts))
-        self.sequences = 0.0
-        # sums[split][group][block]
-        self.sums = {split: {group: [NormalEquations.zeros(dim) for _ in spec.stats_blocks] for group in GROUPS}
-                     for split in SPLITS}
+        self.dim = dim
+        self.mesh = mesh
         self.batches = 0
+        starts = len(spec.distance_starts)
+        self._distance_zeros = {"terms": np.zeros((3, starts), np.float32), "sequences": np.zeros((), np.float32)}
+        self._block_zeros = {"A": np.zeros((len(GROUPS), dim, dim), np.float32),
+                             "B": np.zeros((len(GROUPS), dim, dim), np.float32),
+                             "scalars": np.zeros((len(GROUPS), 3), np.float32)}
+        self._distances = self._new(self._distance_zeros) if starts else None
+        # per split, one accumulator per block; a split's are allocated when its first batch comes
+        self._blocks: dict[str, list | None] = {split: None for split in SPLITS}
+        self._cache: dict = {}
 
-    def add(self, out: dict, batch_index: int = 0, split: str = "fit") -> None:
-        out = gather_to_host(out)
-        for name, value in out.items():
-            if not np.all(np.isfinite(value)):
-                raise NumericalError(f"NaN/Inf in activations ({name}) at calibration batch {batch_index}")
-        if "distance_sum" in out:
-            self.distance_sum += np.asarray(out["distance_sum"], np.float64)
-            self.drop_sq += np.asarray(out["drop_sq"], np.float64)
-            self.end_sq += np.asarray(out["end_sq_all"], np.float64)
-            self.sequences += float(out["sequences"])
-        if "A" in out:
-            for g, group in enumerate(GROUPS):
-                for i, eq in enumerate(self.sums[split][group]):
-                    eq.A += np.asarray(out["A"][i, g], np.float64)
-                    eq.B += np.asarray(out["B"][i, g], np.float64)
-                    eq.target_sq += float(out["target_sq"][i, g])
-                    eq.end_sq += float(out["end_sq"][i, g])
-                    eq.rows += float(out["rows"][i, g])
-        self.batches += 1
+    # device state
+
+    def _put(self, array: np.ndarray) -> jax.Array:
+        array = np.asarray(array)
+        if self.mesh is None:
+            return jnp.asarray(array)
+        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    def _new(self, zeros: dict, sums=None, comps=None, bad=NO_BAD_BATCH) -> dict:
+        sums = zeros if sums is None else sums
+        comps = zeros if comps is None else comps
+        return {"sum": {k: self._put(v) for k, v in sums.items()}, "comp": {k: self._put(v) for k, v in comps.items()},
+                "bad": self._put(np.asarray(bad, np.int32))}
+
+    def _split_blocks(self, split: str) -> list:
+        if self._blocks[split] is None:
+            self._blocks[split] = [self._new(self._block_zeros) for _ in self.spec.stats_blocks]
+        return self._blocks[split]
+
+    def add_distances(self, terms: list, attention_mask, batch_index: int) -> None:
+        """Add one batch's ``_distance_terms`` (one per distance start, in the spec's order)."""
+        self._distances = _updates(self.mesh)[0](self._distances, terms, attention_mask, np.int32(batch_index))
+        self._cache.clear()
+
+    def add_block(self, block_index: int, split: str, m, y, h_end, attention_mask, batch_index: int) -> None:
+        """Add one batch's normal equations of block ``block_index`` (M, Y at its start, h at its end)."""
+        blocks = self._split_blocks(split)
+        blocks[block_index] = _updates(self.mesh)[1](blocks[block_index], m, y, h_end, attention_mask,
+                                                     np.int32(batch_index), rows=self.spec.rows)
+        self._cache.clear()
+
+    def check_finite(self) -> None:
+        """NumericalError naming the first calibration batch whose statistics were not finite, if any."""
+        flags = [acc["bad"] for acc in self._accumulators()]
+        if flags:
+            first = int(min(_read(f) for f in flags))
+            if first != NO_BAD_BATCH:
+                raise NumericalError(f"NaN/Inf in activations at calibration batch {first}")
+
+    def _accumulators(self) -> list[dict]:
+        accs = [self._distances] if self._distances is not None else []
+        return accs + [acc for split in SPLITS for acc in (self._blocks[split] or [])]
+
+    # host views (float64)
+
+    def _equations(self, split: str, block_index: int) -> tuple[NormalEquations, NormalEquations]:
+        key = (split, block_index)
+        if key not in self._cache:
+            if self._blocks[split] is None:
+                self._cache[key] = tuple(NormalEquations.zeros(self.dim) for _ in GROUPS)
+            else:
+                host = _host_sum(self._blocks[split][block_index])
+                self._cache[key] = tuple(
+                    NormalEquations(host["A"][g], host["B"][g], *(float(v) for v in host["scalars"][g]))
+                    for g in range(len(GROUPS)))
+        return self._cache[key]
+
+    @property
+    def sums(self) -> dict:
+        """``sums[split][group][block]``: float64 NormalEquations, read from the device when first indexed."""
+        return {split: {group: _BlockView(self, split, g) for g, group in enumerate(GROUPS)} for split in SPLITS}
+
+    def _distance_host(self) -> dict:
+        if "distances" not in self._cache:
+            self._cache["distances"] = (_host_sum(self._distances) if self._distances is not None else
+                                        {k: v.astype(np.float64) for k, v in self._distance_zeros.items()})
+        return self._cache["distances"]
+
+    @property
+    def distance_sum(self) -> np.ndarray:
+        return self._distance_host()["terms"][0]
+
+    @property
+    def drop_sq(self) -> np.ndarray:
+        return self._distance_host()["terms"][1]
+
+    @property
+    def end_sq(self) -> np.ndarray:
+        return self._distance_host()["terms"][2]
+
+    @property
+    def sequences(self) -> float:
+        return float(self._distance_host()["sequences"])
 
     def block_equations(self, block_index: int, split: str = "fit", first_token: bool | None = None) -> NormalEquations:
         """The normal equations of one block over a split, with or without the first-position rows
         (``first_token=None``: as the spec's row policy says)."""
         if first_token is None:
             first_token = not self.spec.rows.exclude_first_token
-        rest = self.sums[split]["rest"][block_index]
-        return rest + self.sums[split]["first"][block_index] if first_token else rest.copy()
+        rest, first = self._equations(split, block_index)
+        return rest + first if first_token else rest.copy()
 
     @property
     def equations(self) -> list[NormalEquations]:
         """Fit-split equations of every block under the spec's row policy."""
         return [self.block_equations(i) for i in range(len(self.spec.stats_blocks))]
 
+    # checkpointing: the exact device state (float32 sums and compensations), not the float64 view
+
     def state_dict(self) -> dict:
-        # 1-element arrays: orbax saves arrays, not numpy scalars
-        state = {"sequences": np.array([self.sequences]), "batches": np.array([self.batches], np.int64)}
-        if len(self.distance_sum):  # orbax refuses zero-size arrays
-            state["distance_sum"] = self.distance_sum
-            state["drop_errors"] = np.stack([self.drop_sq, self.end_sq])
+        # 1-element arrays: orbax saves arrays, not numpy scalars; orbax refuses zero-size arrays
+        state = {"batches": np.array([self.batches], np.int64)}
+        if self._distances is not None:
+            acc = self._distances
+            state["distance_sum"] = _read(acc["sum"]["terms"])
+            state["distance_comp"] = _read(acc["comp"]["terms"])
+            state["sequences"] = np.array([_read(acc["sum"]["sequences"]), _read(acc["comp"]["sequences"])])
+            state["distance_bad"] = np.array([_read(acc["bad"])], np.int32)
         if self.spec.stats_blocks:
-            every = [eq for split in SPLITS for group in GROUPS for eq in self.sums[split][group]]
-            state.update(A=np.stack([e.A for e in every]), B=np.stack([e.B for e in every]),
-                         sums=np.array([[e.target_sq, e.end_sq, e.rows] for e in every]))
+            every = [acc for split in SPLITS for acc in (self._blocks[split] or [None] * len(self.spec.stats_blocks))]
+            for name, zeros in self._block_zeros.items():
+                for part in ("sum", "comp"):
+                    state[f"{name}_{part}"] = np.stack([zeros if acc is None else _read(acc[part][name])
+                                                        for acc in every])
+            state["blocks_bad"] = np.array([NO_BAD_BATCH if acc is None else _read(acc["bad"]) for acc in every],
+                                           np.int32)
         return state
 
     def load_state(self, state: dict) -> None:
-        if "distance_sum" in state:
-            self.distance_sum = np.array(state["distance_sum"], np.float64)
-            self.drop_sq, self.end_sq = (np.array(v, np.float64) for v in state["drop_errors"])
-        self.sequences = float(state["sequences"][0])
         self.batches = int(state["batches"][0])
+        if self._distances is not None:
+            sequences = np.asarray(state["sequences"], np.float32)
+            self._distances = self._new(
+                self._distance_zeros,
+                {"terms": np.asarray(state["distance_sum"], np.float32), "sequences": sequences[0]},
+                {"terms": np.asarray(state["distance_comp"], np.float32), "sequences": sequences[1]},
+                int(state["distance_bad"][0]))
         if self.spec.stats_blocks:
-            every = [eq for split in SPLITS for group in GROUPS for eq in self.sums[split][group]]
-            for i, eq in enumerate(every):
-                eq.A = np.array(state["A"][i], np.float64)
-                eq.B = np.array(state["B"][i], np.float64)
-                eq.target_sq, eq.end_sq, eq.rows = (float(v) for v in state["sums"][i])
+            n = len(self.spec.stats_blocks)
+            for s, split in enumerate(SPLITS):
+                rows = range(s * n, (s + 1) * n)
+                parts = {part: [{name: np.asarray(state[f"{name}_{part}"][i], np.float32) for name in self._block_zeros}
+                                for i in rows] for part in ("sum", "comp")}
+                used = any(np.any(p[name]) for part in parts.values() for p in part for name in p)
+                self._blocks[split] = [self._new(self._block_zeros, parts["sum"][j], parts["comp"][j],
+                                                 int(state["blocks_bad"][i])) for j, i in enumerate(rows)] \
+                    if used else None
+        self._cache.clear()
 
     def distances(self) -> dict[int, float]:
         if self.sequences == 0:
@@ -228,17 +406,49 @@ class StatsAccumulator:
 
 
 def stats_bytes(num_blocks: int, dim: int) -> int:
-    """Host float64 sums (2 splits x 2 row groups) plus device float32 per-batch sums (2 row groups) for
-    A and B of every block."""
-    return num_blocks * 2 * dim * dim * (len(SPLITS) * len(GROUPS) * 8 + len(GROUPS) * 4)
+    """Device float32 sums and Kahan compensations of A and B for every block (2 splits x 2 row groups);
+    the float64 host copy of a block is made only when that block is read."""
+    return num_blocks * 2 * dim * dim * (len(SPLITS) * len(GROUPS) * 2 * 4)
 
 
 def _device_batch(batch, mesh):
     if mesh is None:
-        return batch.input_ids, batch.attention_mask
+        return jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
     from replaceme_jax.sharding import put_batch
 
     return put_batch(batch.input_ids, mesh), put_batch(batch.attention_mask, mesh)
+
+
+def capture_batch(params, config, spec: CaptureSpec, acc: StatsAccumulator, input_ids, attention_mask,
+                  batch_index: int = 0, split: str = "fit") -> None:
+    """Walk one batch through the layers ``spec`` needs and add its sums to ``acc``; on the device, with
+    nothing waited for (each state is dropped as soon as no later sum needs it)."""
+    if any(start < 1 for start, _ in spec.stats_blocks):
+        raise ValueError(f"statistics blocks start at layer 1 or later, not {spec.stats_blocks}")
+    n = spec.distance_n
+    final = spec.reference_distance_state
+    norm_params = {"norm": params["norm"]} if final else None
+    block_starts = {start for start, _ in spec.stats_blocks}
+    kept, branches, terms = {}, {}, [None] * len(spec.distance_starts)
+    for k, h, y, m in walk_layers(params, config, input_ids, attention_mask, spec.num_layers_needed, block_starts):
+        if k in spec.distance_starts:
+            kept[k] = h
+        if k in block_starts:
+            branches[k] = (m, y)
+        for j, s in enumerate(spec.distance_starts):
+            if s + n == k:
+                last = final and k == config.num_hidden_layers
+                terms[j] = _distance_terms(kept[s], h, attention_mask, norm_params if last else None,
+                                           config=config, final=last)
+        for i, (start, end) in enumerate(spec.stats_blocks):
+            if end == k:
+                acc.add_block(i, split, *branches[start], h, attention_mask, batch_index)
+        for s in [s for s in kept if s + n <= k]:
+            del kept[s]
+        for s in [s for s in branches if all(e <= k for b, e in spec.stats_blocks if b == s)]:
+            del branches[s]
+    if spec.distance_starts:
+        acc.add_distances(terms, attention_mask, batch_index)
 
 
 def run_capture(params, config, spec: CaptureSpec, batches: Iterable, progress=None, mesh=None,
@@ -246,10 +456,10 @@ def run_capture(params, config, spec: CaptureSpec, batches: Iterable, progress=N
     """Stream ``spec``'s statistics over ``batches`` and then ``heldout_batches`` (whose normal
     equations are kept apart, to validate a fit; distances count every batch). With a ``mesh`` each
     batch is split over its batch axes and the sums are reduced across devices (and hosts) inside the
-    jitted step. With a ``checkpoint`` (a ``checkpointing.PassState``) the sums are saved every few
-    batches and a rerun continues from the last save."""
-    step = compiled_capture_step(config, spec)
-    acc = StatsAccumulator(spec, config.hidden_size)
+    jitted steps. With a ``checkpoint`` (a ``checkpointing.PassState``) the sums are saved every few
+    batches and a rerun continues from the last save. The only device-to-host transfers are those
+    saves and the final reads."""
+    acc = StatsAccumulator(spec, config.hidden_size, mesh=mesh)
     done = 0
     if checkpoint is not None:
         restored = checkpoint.restore(acc.state_dict())
@@ -265,38 +475,38 @@ def run_capture(params, config, spec: CaptureSpec, batches: Iterable, progress=N
                 continue
             interrupt.check()
             ids, mask = _device_batch(batch, mesh)
-            acc.add(step(params, input_ids=ids, attention_mask=mask), index, split)
+            capture_batch(params, config, spec, acc, ids, mask, index, split)
+            acc.batches += 1
             if checkpoint is not None:
                 checkpoint.save(index + 1, acc.state_dict)  # built only when a save is due
             if progress is not None:
                 progress.update(1)
+    acc.check_finite()
     return acc
 
 
 # --- rows for the cosine solver -------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _rows_out(m, y, h_end, attention_mask, rows: RowPolicy):
+    dim = m.shape[-1]
+    return {"M": m.astype(jnp.float32).reshape(-1, dim), "Y": y.astype(jnp.float32).reshape(-1, dim),
+            "h_end": h_end.astype(jnp.float32).reshape(-1, dim), "weight": rows.weights(attention_mask).reshape(-1)}
+
+
 def rows_step(params, config, block: tuple[int, int], rows: RowPolicy, input_ids, attention_mask):
+    """M, Y (at the block's start) and h_end rows of one batch, with their weights; on the device."""
     start, end = block
-    hidden, ys, ms = _run_layers(params, config, input_ids, attention_mask, end)
-    dim = config.hidden_size
-    return {
-        "M": ms[start - 1].astype(jnp.float32).reshape(-1, dim),
-        "Y": ys[start - 1].astype(jnp.float32).reshape(-1, dim),
-        "h_end": hidden[end].astype(jnp.float32).reshape(-1, dim),
-        "weight": rows.weights(attention_mask).reshape(-1),
-    }
-
-
-@functools.lru_cache(maxsize=8)
-def compiled_rows_step(config, block, rows: RowPolicy):
-    return jax.jit(functools.partial(rows_step, config=config, block=block, rows=rows))
+    for k, h, y, m in walk_layers(params, config, input_ids, attention_mask, end, (start,)):
+        if k == start:
+            branch = (m, y)
+    return _rows_out(*branch, h, attention_mask, rows=rows)
 
 
 def collect_rows(params, config, block, rows: RowPolicy, batches: Iterable, max_rows: int, seed: int = 0,
                  progress=None, mesh=None) -> dict[str, np.ndarray]:
     """M, Y, h_end rows of one block (rows with weight > 0), at most ``max_rows`` (a uniform reservoir)."""
-    step = compiled_rows_step(config, tuple(block), rows)
     rng = np.random.default_rng(seed)
     dim = config.hidden_size
     store = {k: np.empty((max_rows, dim), np.float32) for k in ("M", "Y", "h_end")}
@@ -305,7 +515,7 @@ def collect_rows(params, config, block, rows: RowPolicy, batches: Iterable, max_
         for index, batch in enumerate(batches):
             interrupt.check()
             ids, mask = _device_batch(batch, mesh)
-            out = gather_to_host(step(params, input_ids=ids, attention_mask=mask))
+            out = gather_to_host(rows_step(params, config, tuple(block), rows, ids, mask))
             keep = np.nonzero(out["weight"] > 0)[0]
             for name in store:
                 if not np.all(np.isfinite(out[name][keep])):
