@@ -123,15 +123,17 @@ def distances(model: ModelLike, data: DataLike = None, *, tokenizer=None, **opti
 
 
 def evaluate(models: Sequence[str | Path], tasks: str | Sequence[str], *, reference: str | Path | None = None,
-             **options) -> dict:
+             mesh: dict[str, int] | None = None, **options) -> dict:
     """Score saved models (paths or built-in names) on tasks, as ``replaceme-jax evaluate``; returns
     the report dict (``options``: ``limit``, ``max_length``, ``batch_size``, ``data_dir``, ``output``,
     ``generate``, ``max_new_tokens``). ``reference``: a model with the same tokenizer; every scoring task
-    then adds ``kl`` (mean KL(reference || model) per scored token) and ``top1_agreement``."""
+    then adds ``kl`` (mean KL(reference || model) per scored token) and ``top1_agreement``. ``mesh``: axis
+    sizes (``{"data": 4, "tensor": 2}``, as the ``mesh`` config key): the models are sharded and the
+    batches split over the devices (default: one device)."""
     from replaceme_jax.evaluation import run_evaluation
 
     return run_evaluation([str(m) for m in models], tasks, reference=None if reference is None else str(reference),
-                          **options)
+                          mesh=mesh, **options)
 
 
 def compress_experts(model: str | Path, data: DataLike = None, **options):

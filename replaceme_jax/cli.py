@@ -78,8 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model with the same tokenizer (the original, say): every scoring task adds the mean "
                         "KL(reference || model) and top-1 agreement on the tokens it scores")
     p.add_argument("--output", default=None, help="JSON report; a bar chart PNG is written next to it")
+    p.add_argument("--mesh", default=None, type=_mesh_arg, metavar="AXIS=SIZE[,AXIS=SIZE]",
+                   help="shard the models over a device mesh (axes data, fsdp, tensor; one size may be -1: "
+                        "the devices left), e.g. data=4,tensor=2; batches are split over data x fsdp "
+                        "(default: one device)")
     _add_common(p)
     return parser
+
+
+def _mesh_arg(text: str) -> dict[str, int]:
+    """``data=4,tensor=2`` -> ``{"data": 4, "tensor": 2}`` (the axes and sizes are checked by make_mesh)."""
+    out = {}
+    for part in text.split(","):
+        axis, sep, size = part.partition("=")
+        try:
+            out[axis.strip()] = int(size)
+        except ValueError:
+            sep = ""
+        if not sep or not axis.strip():
+            raise argparse.ArgumentTypeError(f"expected AXIS=SIZE[,AXIS=SIZE], e.g. data=4,tensor=2 (got {text!r})")
+    return out
 
 
 def cmd_convert(args) -> int:
@@ -147,7 +165,7 @@ def cmd_evaluate(args) -> int:
     report = run_evaluation(args.model, args.tasks or (), data_dir=args.data_dir, limit=args.limit,
                             max_length=args.max_length, batch_size=args.batch_size, output=args.output,
                             progress=not args.quiet, generate=args.generate, max_new_tokens=args.max_new_tokens,
-                            reference=args.reference)
+                            reference=args.reference, mesh=args.mesh)
     tables = [markdown_table(report), generation_table(report) if "generation" in report else ""]
     print("\n\n".join(t for t in tables if t))
     if args.output:

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -17,6 +17,7 @@ from replaceme_jax.evaluation.generation import greedy_continuations
 from replaceme_jax.evaluation.metrics import TaskResult
 from replaceme_jax.evaluation.scoring import Reference
 from replaceme_jax.evaluation.tasks import TASK_HELP, load_task, parse_limits, parse_task_list, read_prompts, run_task
+from replaceme_jax.sharding import make_mesh, place_fn, shard_params
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def _model_name(src: str, taken: dict) -> str:
 def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, data_dir: str | Path | None = None,
                    limit: int | str | dict | None = None, max_length: int = 1024, batch_size: int = 8,
                    output: str | Path | None = None, progress: bool = True, generate: str | Path | None = None,
-                   max_new_tokens: int = 32, reference: str | Path | None = None) -> dict:
+                   max_new_tokens: int = 32, reference: str | Path | None = None,
+                   mesh: Mapping[str, int] | None = None) -> dict:
     """Evaluate each model on each task, and greedily continue each prompt of ``generate`` (a file, one
     prompt a line) with each model; write the JSON report (and a bar chart beside it) if asked.
 
@@ -44,6 +46,11 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
     ``kl`` and ``top1_agreement`` on the task's scored tokens (``metrics``). It stays loaded beside each
     model in turn (both models' weights in memory; a model given by the same path is not loaded again);
     a model whose vocabulary differs is refused when it is loaded, before it is scored.
+
+    ``mesh``: axis sizes as the ``mesh`` config key of ``compress`` (``{"data": 4, "tensor": 2}``;
+    ``sharding.make_mesh``). Each model (and the reference) is loaded straight into its shards and
+    every scoring batch is split over ``data x fsdp`` (``scoring``); the figures are the single
+    device's up to the order of float32 sums. Default: one device.
     """
     from replaceme_jax.conversion import load_model, load_tokenizer
 
@@ -63,20 +70,25 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
     from replaceme_jax.conversion.model_io import check_model_source
 
     reference = str(reference) if reference is not None else None
+    device_mesh = make_mesh(mesh) if mesh is not None else None
+    if device_mesh is not None and device_mesh.size == 1:
+        device_mesh = None
     for src in [*models, reference] if reference is not None else models:
         check_model_source(src)  # a bad second model fails now, not after the first one is scored
     settings = {"tasks": [t.name for t in loaded_tasks], "files": {t.name: str(t.path) for t in loaded_tasks},
                 "limit": limit, "limits": limits, "max_length": max_length, "batch_size": batch_size,
-                "backend": jax.default_backend()}
+                "backend": jax.default_backend(),
+                "mesh": dict(device_mesh.shape) if device_mesh is not None else None}
     if generate is not None:
         settings.update(generate=str(generate), max_new_tokens=max_new_tokens)
     if reference is not None:
         settings["reference"] = reference
     report = {"settings": settings, "models": {}}
     continuations = []  # per model, in the order of `models`
-    reference_model = _load(load_model, reference) if reference is not None else None
+    reference_model = _load(load_model, reference, device_mesh) if reference is not None else None
     for src in models:
-        model = reference_model if reference is not None and _same_source(src, reference) else _load(load_model, src)
+        same = reference is not None and _same_source(src, reference)
+        model = reference_model if same else _load(load_model, src, device_mesh)
         tokenizer = load_tokenizer(model)
         config = model.config
         compare = None
@@ -124,9 +136,14 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
 STDERR = "_stderr"  # results[metric + STDERR]: the metric's standard error (accuracies)
 
 
-def _load(load_model, src: str):
+def _load(load_model, src: str, mesh=None):
+    """The model, on one device or (``mesh``) with each tensor put straight into its shards."""
     start = time.perf_counter()
-    model = load_model(src)
+    if mesh is None:
+        model = load_model(src)
+    else:
+        model = load_model(src, place=place_fn(mesh))
+        model.params = shard_params(model.params, model.family.param_specs(model.config), mesh)
     log.info("loaded %s (%d layers) in %.1f s", src, model.config.num_hidden_layers, time.perf_counter() - start)
     return model
 

@@ -20,6 +20,12 @@ vocabulary chunk at a time (``LOGITS_CHUNK_BYTES`` for the batch's float32 logit
 weight rows) inside a streamed log-sum-exp, so memory does not grow with vocabulary x batch x
 length. Float32 matmuls use JAX's default precision for the backend (full float32 on CPU; wrap calls
 in ``jax.default_matmul_precision("highest")`` to avoid TF32 on GPU).
+
+On a mesh (the ``evaluate`` command's ``--mesh``): batches follow the parameters. When the model's
+parameters are sharded over a mesh of several devices (``sharding.shard_params``), each batch is split
+over the mesh's batch axes (``sharding.put_batch``) and the row count is rounded up to a multiple of
+``data x fsdp``; each request is scored on its own, so the figures are the single device's up to the
+order of float32 sums.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from replaceme_jax import interrupt
 from replaceme_jax.errors import ReplaceMeError, UsageError
 from replaceme_jax.models import family_for
 from replaceme_jax.progress import progress_bar
+from replaceme_jax.sharding import BATCH_AXES, put_batch
 
 MIN_BUCKET = 32
 
@@ -255,6 +262,16 @@ def _compare_batch(params, reference_params, input_ids, attention_mask, targets,
     return (*_row_sums(target_mask, logprob, is_top), kl, agree)
 
 
+def params_mesh(params):
+    """The mesh that ``params`` are sharded over, if it has several devices and the batch axes; else None."""
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is not None and mesh.size > 1 and all(a in mesh.shape for a in BATCH_AXES):
+            return mesh
+    return None
+
+
 def _progress(total: int, desc: str, enabled: bool):
     return progress_bar(total, desc, unit="seq", enabled=enabled, leave=False)
 
@@ -309,6 +326,14 @@ def score_requests(
 
     # A fixed row count per task (padded with empty rows) keeps the compiled shapes few.
     rows = min(batch_size, 1 << (n - 1).bit_length())
+    mesh = params_mesh(params)
+    if mesh is not None:  # every device of the batch axes gets the same number of rows
+        ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+        rows = -(-rows // ways) * ways
+
+    def put(array: np.ndarray):
+        return array if mesh is None else put_batch(array, mesh)
+
     order = np.argsort([-len(s) for s in sequences], kind="stable")
     batches = [order[i:i + rows] for i in range(0, n, rows)]
     seen_shapes: set[int] = set()
@@ -346,12 +371,13 @@ def score_requests(
                 t0 = time.perf_counter()
             if reference is None:
                 chunk = vocab_chunk or vocab_chunk_size(rows * length, config.vocab_size, config.hidden_size)
-                result = _score_batch(params, ids, mask, targets, target_mask, config=config, vocab_chunk=chunk)
+                result = _score_batch(params, put(ids), put(mask), put(targets), put(target_mask), config=config,
+                                      vocab_chunk=chunk)
             else:  # two [tokens, chunk] blocks of logits and two head slices share the budget
                 chunk = vocab_chunk or vocab_chunk_size(2 * rows * length, config.vocab_size,
                                                         config.hidden_size + reference.config.hidden_size)
-                result = _compare_batch(params, reference.params, ids, mask, targets, target_mask, config=config,
-                                        reference_config=reference.config, vocab_chunk=chunk)
+                result = _compare_batch(params, reference.params, put(ids), put(mask), put(targets), put(target_mask),
+                                        config=config, reference_config=reference.config, vocab_chunk=chunk)
             if new_shape:
                 jax.block_until_ready(result)
                 warmup_seconds += time.perf_counter() - t0
