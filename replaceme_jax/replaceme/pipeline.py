@@ -181,13 +181,15 @@ def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[Norma
         if T is not None and evaluator is not None:
             with timer("validation", quiet=True):
                 record["perplexity"] = evaluator.perplexity(T)
+            log.info("held-out search: fit %d (first-position weight %s, relative alpha %s): perplexity %.3f",
+                     len(records) + 1, w, alphas[j] if alphas[j] is not None else alpha, record["perplexity"])
         records[(i, j)] = record
         return record.get("perplexity", 0.0) if T is not None else float("inf")
 
     if evaluator is None:
         candidate(0, 0)
         best = (0, 0)
-    else:
+    else:  # each fit is logged: the search stops when neither axis improves, so its length is not known
         starts = sorted({(weights.index(w) if w in weights else 0, alphas.index(a) if a in alphas else 0)
                          for w, a in SEARCH_STARTS})
         best, _ = coordinate_search(candidate, (len(weights), len(alphas)), starts)
