@@ -288,6 +288,32 @@ def test_sequential_calibration_follows_the_compressed_layers():
         np.testing.assert_allclose(h[valid], np.asarray(expected.hidden_states[-1])[valid], atol=1e-5)
 
 
+def test_residual_streams_wait_on_disk_one_layer_at_a_time_and_are_deleted_on_close(tmp_path):
+    """Between layers the streams are files (one per batch) in a temporary directory, not arrays held by
+    the process, so its memory does not grow with the calibration tokens: advancing replaces the files
+    (at most two layers' worth exist, during a layer's pass), and ``close`` removes the directory."""
+    from replaceme_jax.experts import LayerwiseCalibration
+    from replaceme_jax.experts.calibrate import ResidualStreams
+
+    params, config = tiny_model("qwen2_moe")
+    batches = calibration_batches(config.vocab_size)
+    with LayerwiseCalibration(params, config, batches, spill_dir=tmp_path) as run:
+        (spill,) = list(tmp_path.iterdir())
+        assert isinstance(run.hidden, ResidualStreams) and len(list(spill.iterdir())) == len(batches)
+        embedded = [np.asarray(moe.forward(params, config, ids, mask, num_layers=0, compute_logits=False)
+                               .hidden_states[-1]) for ids, mask in batches]
+        for h, expected in zip(run.hidden, embedded):  # read back bit for bit
+            np.testing.assert_array_equal(h, expected)
+        _, _, outputs = run.statistics(params["layers"][0])
+        assert len(list(spill.iterdir())) == 2 * len(batches)
+        run.advance(outputs=outputs)
+        assert len(list(spill.iterdir())) == len(batches)
+        run.statistics(params["layers"][1])
+        run.advance(params["layers"][1])  # recomputed through a layer: the pass's own outputs are dropped
+        assert len(list(spill.iterdir())) == len(batches)
+    assert not spill.exists()
+
+
 def test_reconstruction_error_is_the_relative_change_of_the_moe_output():
     from replaceme_jax.experts.prune import prune_mlp
     from replaceme_jax.experts.stats import reconstruction_error
