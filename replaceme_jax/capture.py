@@ -287,6 +287,10 @@ class StatsAccumulator:
                                                      np.int32(batch_index), rows=self.spec.rows)
         self._cache.clear()
 
+    def wait(self) -> None:
+        """Until every batch added so far is done on this process's devices."""
+        jax.block_until_ready(self._accumulators())
+
     def check_finite(self) -> None:
         """NumericalError naming the first calibration batch whose statistics were not finite, if any."""
         flags = [acc["bad"] for acc in self._accumulators()]
@@ -478,6 +482,11 @@ def run_capture(params, config, spec: CaptureSpec, batches: Iterable, progress=N
             capture_batch(params, config, spec, acc, ids, mask, index, split)
             acc.batches += 1
             if checkpoint is not None:
+                if jax.process_count() > 1:
+                    # Dispatch does not wait for the batch; with several processes each waits here (no
+                    # transfer), so that one that stops after this point leaves the others able to finish
+                    # the batch's collectives and process 0 able to save it.
+                    acc.wait()
                 checkpoint.save(index + 1, acc.state_dict)  # built only when a save is due
             if progress is not None:
                 progress.update(1)
