@@ -1,10 +1,10 @@
 """Peak memory of `experts` against the number of calibration tokens (issue 14): the residual streams kept
 in memory between layers (before) against spilled to a temporary directory (after), each run in its own
-process, N and 4N tokens, both in one run.
+process, N and 4N tokens, all in one run.
 
     .venv/bin/python bench/experts_memory.py [--tokens 32768] [--factor 4] [--methods reap,ream]
-                                             [--hidden 512] [--before-rev d2c258a]
-                                             [--output bench/results/experts_memory.json]
+                                             [--modes before,after,after-mmap] [--hidden 512]
+                                             [--before-rev d2c258a] [--output bench/results/experts_memory.json]
 
 The model: a random Qwen2-MoE (`hidden` wide, 2 layers, 8 experts of width 64, top-2, a 128-word
 vocabulary; built with tests/helpers.py), so that the float32 residual streams (`tokens x hidden x 4`
@@ -14,9 +14,12 @@ sample is bounded by it, not by the data).
 
 "before" is `replaceme_jax/experts/calibrate.py` as it was at `--before-rev` (read with `git show`,
 loaded as a module and patched into the pipeline); "after" is the working tree's. Every other line of
-code is the same in both. Each worker reports its peak RSS (VmHWM; not `ru_maxrss`, which Linux carries
-over from the parent through fork and exec), its wall time, and a digest of the result (kept experts,
-groups, saliencies and reconstruction errors per layer), which must be equal before and after.
+code is the same in both. "after-mmap" is "after" with glibc's mmap threshold fixed at 1 MiB
+(`MALLOC_MMAP_THRESHOLD_=1048576`: every buffer of a batch is its own mapping, returned on free, instead
+of the heap that glibc's dynamic threshold moves it to, where it fragments). Each worker reports its
+peak RSS (VmHWM; not `ru_maxrss`, which Linux carries over from the parent through fork and exec), the
+peak after each pipeline stage, its wall time, and a digest of the result (kept experts, groups,
+saliencies and reconstruction errors per layer), which must be equal in every mode.
 """
 
 from __future__ import annotations
@@ -92,7 +95,9 @@ def worker(args) -> None:
     digest = hashlib.sha256(json.dumps([layers, errors], sort_keys=True).encode()).hexdigest()[:16]
     print(json.dumps({"mode": args.mode, "method": args.method, "tokens": result.report["calibration_tokens"],
                       "peak_rss_bytes": peak_rss_bytes(), "seconds": seconds, "digest": digest,
-                      "reconstruction_error": errors, "jax": jax.__version__}))
+                      "reconstruction_error": errors, "jax": jax.__version__,
+                      "peak_rss_mb_after_stage": {k: round(v, 1) for k, v in
+                                                  result.report["peak_rss_mb_after_stage"].items()}}))
 
 
 def main() -> None:
@@ -102,8 +107,9 @@ def main() -> None:
     parser.add_argument("--methods", default="reap,ream", help="reap: non-sequential; ream: sequential")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--before-rev", default="d2c258a", help="the commit whose calibrate.py is 'before'")
+    parser.add_argument("--modes", default="before,after,after-mmap")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "experts_memory.json")
-    parser.add_argument("--worker", dest="mode", choices=("before", "after"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", dest="mode", choices=("before", "after", "after-mmap"), help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -117,20 +123,23 @@ def main() -> None:
         build(root, args.hidden, max(sizes) // MAX_LENGTH)
         for method in args.methods.split(","):
             for tokens in sizes:
-                for mode in ("before", "after"):  # interleaved: both share the machine's load alike
+                for mode in args.modes.split(","):  # interleaved: they share the machine's load alike
                     command = [sys.executable, __file__, "--worker", mode, "--root", str(root), "--method", method,
                                "--tokens", str(tokens), "--before-rev", args.before_rev]
-                    proc = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ,
-                                                                                         JAX_PLATFORMS="cpu"))
+                    env = dict(os.environ, JAX_PLATFORMS="cpu")
+                    if mode == "after-mmap":
+                        env["MALLOC_MMAP_THRESHOLD_"] = "1048576"
+                    proc = subprocess.run(command, capture_output=True, text=True, env=env)
                     if proc.returncode:
                         sys.exit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
                     run = json.loads(proc.stdout.strip().splitlines()[-1])
                     runs.append(run)
-                    print(f"{method} {mode:6s} {run['tokens']:7d} tokens: peak RSS {run['peak_rss_bytes'] / 2**20:7.1f} "
-                          f"MiB, {run['seconds']:6.1f} s, digest {run['digest']}", flush=True)
+                    print(f"{method} {mode:6s} {run['tokens']:7d} tokens: peak RSS "
+                          f"{run['peak_rss_bytes'] / 2**20:7.1f} MiB, {run['seconds']:6.1f} s, digest {run['digest']}; "
+                          f"peak RSS (MiB) after each stage: {run['peak_rss_mb_after_stage']}", flush=True)
     summary = {}
     for method in args.methods.split(","):
-        for mode in ("before", "after"):
+        for mode in args.modes.split(","):
             small, large = (next(r for r in runs if (r["method"], r["mode"]) == (method, mode) and
                                  r["tokens"] == args.tokens * k) for k in (1, args.factor))
             summary[f"{method} {mode}"] = {"rss_ratio": large["peak_rss_bytes"] / small["peak_rss_bytes"],
