@@ -43,7 +43,7 @@ from replaceme_jax import interrupt
 from replaceme_jax.errors import ReplaceMeError, UsageError
 from replaceme_jax.models import family_for
 from replaceme_jax.progress import progress_bar
-from replaceme_jax.sharding import BATCH_AXES, put_batch
+from replaceme_jax.sharding import BATCH_AXES, gather_to_host, put_batch
 
 MIN_BUCKET = 32
 
@@ -345,7 +345,7 @@ def score_requests(
     def collect(item):
         indices, results = item
         for out, values in zip((logprob, greedy, kl, top1), results):
-            out[indices] = np.asarray(values)[: len(indices)]
+            out[indices] = gather_to_host(values)[: len(indices)]  # all-gathered when spread over processes
         bar.update(len(indices))
 
     with _progress(n, desc, progress) as bar:
