@@ -263,3 +263,14 @@ def test_shipped_task_files_parse(tmp_path):
         assert task.text if task.kind == "perplexity" else len(task.items) == expected
     hellaswag = ev.load_task("hellaswag", data, limit=1).items[0]
     assert hellaswag.options[0][1].startswith(" ") and not hellaswag.options[0][1].startswith("  ")
+
+
+def test_table_gives_no_percentage_for_kl_even_when_the_first_models_kl_is_rounding():
+    from replaceme_jax.evaluation import markdown_table
+
+    results = {"a": {"wikitext2": {"n": 3, "perplexity": 10.0, "kl": 4.7e-10, "top1_agreement": 1.0}},
+               "b": {"wikitext2": {"n": 3, "perplexity": 20.0, "kl": 1.2, "top1_agreement": 0.4}}}
+    table = markdown_table({"models": {k: {"results": v} for k, v in results.items()}})
+    kl_row = next(line for line in table.splitlines() if "| kl |" in line)
+    assert kl_row.rstrip().endswith("| 1.2000 |")
+    assert "(200.0%)" in table and "(40.0%)" in table

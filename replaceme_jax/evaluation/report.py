@@ -183,7 +183,8 @@ def markdown_table(report: dict) -> str:
             if stderr is not None:
                 cell += f" ± {stderr:.4f}"
             if name != names[0]:
-                cell += f" ({100 * value / base:.1f}%)" if base else " (-)"
+                # a divergence is no fraction of the first model's (which is ~0 against itself)
+                cell += f" ({100 * value / base:.1f}%)" if base and metric != "kl" else ""
             cells.append(cell)
         lines.append(f"| {task} (n={n}) | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
