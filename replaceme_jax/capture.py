@@ -103,16 +103,28 @@ def _layer_step(layer, h, attention_mask, *, config, layer_index: int, branches:
     return (h_next, y, m) if branches else (h_next, None, None)
 
 
+def settle(tree):
+    """``tree``, waited for when it lives on several simulated CPU devices. XLA:CPU runs every device's
+    share of a program on one shared thread pool, so the collectives of several multi-device programs
+    in flight at once can wait on each other until its 40 s rendezvous timeout aborts the process
+    (seen with 8 simulated devices under load); one program at a time avoids it. GPUs and TPUs, and
+    one device, are never waited for."""
+    leaf = next((x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)), None)
+    if leaf is not None and len(leaf.sharding.device_set) > 1 and next(iter(leaf.sharding.device_set)).platform == "cpu":
+        jax.block_until_ready(tree)
+    return tree
+
+
 def walk_layers(params, config, input_ids, attention_mask, num_layers: int, branches_at=()):
     """``(k, h_k, Y_k, M_k)`` for k = 0..num_layers: ``h_0`` the embeddings, ``h_k`` the output of layer
     k-1, ``Y_k``/``M_k`` its residual after attention and MLP branch (only where k is in
     ``branches_at``, else None). One jitted step per layer, the family's ``decoder_layer`` with the
     layer's parameters as arguments; everything stays on the device and nothing waits for a step."""
-    h = _embed_step({"embed_tokens": params["embed_tokens"]}, input_ids, config=config)
+    h = settle(_embed_step({"embed_tokens": params["embed_tokens"]}, input_ids, config=config))
     yield 0, h, None, None
     for k in range(num_layers):
-        h, y, m = _layer_step(params["layers"][k], h, attention_mask, config=config,
-                              layer_index=_canonical_layer(config, k), branches=k + 1 in branches_at)
+        h, y, m = settle(_layer_step(params["layers"][k], h, attention_mask, config=config,
+                                     layer_index=_canonical_layer(config, k), branches=k + 1 in branches_at))
         yield k + 1, h, y, m
 
 
@@ -277,14 +289,15 @@ class StatsAccumulator:
 
     def add_distances(self, terms: list, attention_mask, batch_index: int) -> None:
         """Add one batch's ``_distance_terms`` (one per distance start, in the spec's order)."""
-        self._distances = _updates(self.mesh)[0](self._distances, terms, attention_mask, np.int32(batch_index))
+        self._distances = settle(_updates(self.mesh)[0](self._distances, terms, attention_mask,
+                                                        np.int32(batch_index)))
         self._cache.clear()
 
     def add_block(self, block_index: int, split: str, m, y, h_end, attention_mask, batch_index: int) -> None:
         """Add one batch's normal equations of block ``block_index`` (M, Y at its start, h at its end)."""
         blocks = self._split_blocks(split)
-        blocks[block_index] = _updates(self.mesh)[1](blocks[block_index], m, y, h_end, attention_mask,
-                                                     np.int32(batch_index), rows=self.spec.rows)
+        blocks[block_index] = settle(_updates(self.mesh)[1](blocks[block_index], m, y, h_end, attention_mask,
+                                                            np.int32(batch_index), rows=self.spec.rows))
         self._cache.clear()
 
     def wait(self) -> None:
@@ -442,8 +455,8 @@ def capture_batch(params, config, spec: CaptureSpec, acc: StatsAccumulator, inpu
         for j, s in enumerate(spec.distance_starts):
             if s + n == k:
                 last = final and k == config.num_hidden_layers
-                terms[j] = _distance_terms(kept[s], h, attention_mask, norm_params if last else None,
-                                           config=config, final=last)
+                terms[j] = settle(_distance_terms(kept[s], h, attention_mask, norm_params if last else None,
+                                                  config=config, final=last))
         for i, (start, end) in enumerate(spec.stats_blocks):
             if end == k:
                 acc.add_block(i, split, *branches[start], h, attention_mask, batch_index)
