@@ -2,7 +2,8 @@
 layer works best (issue 13). Prints one JSON object; BENCHMARKS.md ("Gemma 2 / Gemma 3") has the table.
 
     .venv/bin/python bench/gemma_fold.py [--model gemma3-270m] [--docs 96] [--heldout 16] [--max-length 256]
-                                          [--n 3] [--first exclude|include] [--out result.json]
+                                          [--n 3] [--start S] [--first exclude|include] [--out result.json]
+                                          [--tasks wikitext2,arc_easy,... --limit SPEC [--eval-options a,b,...]]
 
 In a Gemma layer the MLP output z goes through ``post_feedforward_layernorm`` before the residual add:
 ``M = g * RMSNorm(z)`` with ``g = 1 + w``, so ``M T`` for a full D x D map T cannot be folded into
@@ -24,11 +25,20 @@ by the relative error of ``h_start`` against ``h_end`` and by the perplexity of 
   matrices by a majorise-minimise iteration (each step a polar decomposition).
 - ``direct_mse`` (d): T and scale by Adam on the true folded branch ``s * RMSNorm(z T)`` against the target
   (least squares), from the best closed-form start.
+
+With ``--tasks`` (and ``--limit``, as ``replaceme-jax evaluate``'s) the options named by ``--eval-options``
+(default: all, with ``original`` and ``uidl``) are also scored in this process by the project's evaluator:
+``load_task`` / ``run_task``, the functions ``replaceme-jax evaluate`` runs, on the same items for every
+option. Every option but ``explicit`` is a plain Gemma (the pruned params with one layer rewritten);
+``explicit`` is scored as the pruned params plus its T, through ``explicit_map_forward`` (the library's
+Gemma layer, with ``M T`` in place of ``M`` in the one layer that carries T). Nothing is written to disk
+but ``--out`` (kept up to date after each evaluated option).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -40,7 +50,8 @@ import numpy as np
 import optax
 
 from replaceme_jax.conversion import load_model, load_tokenizer
-from replaceme_jax.models import family_for
+from replaceme_jax.evaluation import load_task, parse_limits, parse_task_list, run_task
+from replaceme_jax.models import family_for, gemma
 from replaceme_jax.models.gemma import gemma_rms_norm, mlp_pre_norm
 from replaceme_jax.replaceme.merge import replace_block
 
@@ -333,6 +344,68 @@ def heldout_nll(params, config, docs, width, start=None, T=None):
     return total, count
 
 
+EXPLICIT_KEY = "explicit_output_map"  # a layer's extra entry: the explicit option's T (M -> M T)
+
+
+@contextlib.contextmanager
+def explicit_map_forward():
+    """While active, ``gemma.decoder_layer`` (which ``gemma.forward``, and so the evaluator, calls) adds
+    ``M T`` in place of ``M`` in a layer whose params carry T under ``EXPLICIT_KEY``; other layers run
+    unchanged. The extra entry changes the params' tree structure, so no function compiled for a plain
+    model is reused for the explicit one (or the other way round)."""
+    plain_layer = gemma.decoder_layer
+
+    def decoder_layer(layer, c, layer_index, h, ctx):
+        if EXPLICIT_KEY not in layer:
+            return plain_layer(layer, c, layer_index, h, ctx)
+        _, y, m = plain_layer({k: v for k, v in layer.items() if k != EXPLICIT_KEY}, c, layer_index, h, ctx)
+        return y + jnp.einsum("bsd,de->bse", m, layer[EXPLICIT_KEY], precision=HIGHEST), y, m
+
+    gemma.decoder_layer = decoder_layer
+    try:
+        yield
+    finally:
+        gemma.decoder_layer = plain_layer
+
+
+def option_params(name, fold, params, config, pruned, pruned_config, start):
+    """``(params, config)`` of an option as a model: the original, the dropped block, a layer fold, or the
+    pruned params with the explicit T on layer ``start - 1`` (see ``explicit_map_forward``)."""
+    if name == "original":
+        return params, config
+    if name == "uidl":
+        return pruned, pruned_config
+    layers = list(pruned["layers"])
+    if fold[0] == "explicit":
+        layers[start - 1] = dict(layers[start - 1], **{EXPLICIT_KEY: jnp.asarray(fold[1], jnp.float32)})
+    else:
+        layers[start - 1] = folded_layer(layers[start - 1], fold)
+    return dict(pruned, layers=layers), pruned_config
+
+
+def evaluate_options(models, tokenizer, args, on_result) -> dict:
+    """Each task of ``args.tasks`` (limits as ``replaceme-jax evaluate --limit``) for each model of
+    ``models`` (name -> (params, config)) with the project's evaluator; ``on_result(results)`` after each
+    model (to keep partial results)."""
+    names = parse_task_list(args.tasks)
+    limits = parse_limits(args.limit, names)
+    tasks = [load_task(name, args.data_dir, limits[name]) for name in names]
+    results = {}
+    with explicit_map_forward():
+        for name, (p, c) in models.items():
+            entry = results[name] = {"num_hidden_layers": c.num_hidden_layers, "results": {}, "timing": {}}
+            for task in tasks:
+                result = run_task(p, c, tokenizer, task, max_length=args.eval_max_length,
+                                  batch_size=args.eval_batch_size)
+                entry["results"][task.name] = result.metrics
+                entry["timing"][task.name] = result.timing()
+                print("evaluate", name, task.name, {k: round(v, 4) for k, v in result.metrics.items()
+                                                     if isinstance(v, float)}, result.timing(), flush=True)
+            on_result(results)
+    return {"tasks": names, "limits": limits, "max_length": args.eval_max_length,
+            "batch_size": args.eval_batch_size, "models": results}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gemma3-270m")
@@ -347,6 +420,12 @@ def main():
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--out", default=None)
     parser.add_argument("--cache", default=None, help="folder to keep the rows in between runs")
+    parser.add_argument("--tasks", default=None, help="evaluate the options on these tasks (as `evaluate --tasks`)")
+    parser.add_argument("--limit", default=None, help="per-task limits (as `evaluate --limit`)")
+    parser.add_argument("--data-dir", default=None, help="task files (default: ../shared/data/eval)")
+    parser.add_argument("--eval-options", default=None, help="comma-separated options to evaluate (default: all)")
+    parser.add_argument("--eval-max-length", type=int, default=1024)
+    parser.add_argument("--eval-batch-size", type=int, default=8)
     args = parser.parse_args()
 
     t0 = time.time()
@@ -421,10 +500,27 @@ def main():
     result["options"] = table
     result["heldout_tokens"] = tokens
     result["seconds"] = round(time.time() - t0)
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+
+    save()
+    if args.tasks:
+        chosen = args.eval_options.split(",") if args.eval_options else list(options)
+        unknown = sorted(set(chosen) - set(options))
+        if unknown:
+            raise SystemExit(f"--eval-options: unknown {unknown} (choose from {', '.join(options)})")
+        models = {name: option_params(name, options[name], params, config, pruned, pruned_config, start)
+                  for name in chosen}
+        t1 = time.time()
+        result["evaluation"] = evaluate_options(models, tokenizer, args,
+                                                lambda partial: (result.update(evaluation={"models": partial}), save()))
+        result["evaluation"]["seconds"] = round(time.time() - t1)
+        result["seconds"] = round(time.time() - t0)
+        save()
     print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
