@@ -25,7 +25,7 @@ from replaceme_jax import interrupt
 from replaceme_jax.errors import NumericalError
 from replaceme_jax.models import family_for
 from replaceme_jax.replaceme.solvers import NormalEquations
-from replaceme_jax.sharding import gather_to_host
+from replaceme_jax.sharding import gather_to_host, settle
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -101,18 +101,6 @@ def _layer_step(layer, h, attention_mask, *, config, layer_index: int, branches:
     ctx = family.attention_context(config, attention_mask.shape, attention_mask)
     h_next, y, m = family.decoder_layer(layer, config, layer_index, h, ctx)
     return (h_next, y, m) if branches else (h_next, None, None)
-
-
-def settle(tree):
-    """``tree``, waited for when it lives on several simulated CPU devices. XLA:CPU runs every device's
-    share of a program on one shared thread pool, so the collectives of several multi-device programs
-    in flight at once can wait on each other until its 40 s rendezvous timeout aborts the process
-    (seen with 8 simulated devices under load); one program at a time avoids it. GPUs and TPUs, and
-    one device, are never waited for."""
-    leaf = next((x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)), None)
-    if leaf is not None and len(leaf.sharding.device_set) > 1 and next(iter(leaf.sharding.device_set)).platform == "cpu":
-        jax.block_until_ready(tree)
-    return tree
 
 
 def walk_layers(params, config, input_ids, attention_mask, num_layers: int, branches_at=()):

@@ -258,3 +258,15 @@ def gather_to_host(tree):
         return np.asarray(x)
 
     return jax.tree.map(get, tree)
+
+
+def settle(tree):
+    """``tree``, waited for when it lives on several simulated CPU devices. XLA:CPU runs every device's
+    share of a program on one shared thread pool, so the collectives of several multi-device programs
+    in flight at once can wait on each other until its 40 s rendezvous timeout aborts the process
+    (seen with 8 simulated devices under load); one program at a time avoids it. GPUs and TPUs, and
+    one device, are never waited for."""
+    leaf = next((x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)), None)
+    if leaf is not None and len(leaf.sharding.device_set) > 1 and next(iter(leaf.sharding.device_set)).platform == "cpu":
+        jax.block_until_ready(tree)
+    return tree

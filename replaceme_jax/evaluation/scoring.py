@@ -43,7 +43,7 @@ from replaceme_jax import interrupt
 from replaceme_jax.errors import ReplaceMeError, UsageError
 from replaceme_jax.models import family_for
 from replaceme_jax.progress import progress_bar
-from replaceme_jax.sharding import BATCH_AXES, gather_to_host, put_batch
+from replaceme_jax.sharding import BATCH_AXES, gather_to_host, put_batch, settle
 
 MIN_BUCKET = 32
 
@@ -378,6 +378,7 @@ def score_requests(
                                                         config.hidden_size + reference.config.hidden_size)
                 result = _compare_batch(params, reference.params, put(ids), put(mask), put(targets), put(target_mask),
                                         config=config, reference_config=reference.config, vocab_chunk=chunk)
+            result = settle(result)  # one multi-device program at a time on simulated CPU devices
             if new_shape:
                 jax.block_until_ready(result)
                 warmup_seconds += time.perf_counter() - t0
