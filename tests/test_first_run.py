@@ -54,8 +54,9 @@ def test_heldout_split_takes_whole_documents_with_a_floor():
         split_heldout(docs[:7], 0.15, 4)
 
 
-def test_auto_fit_records_its_choices_and_picks_the_lowest_heldout_perplexity(tmp_path, model_dir):
-    result = compress(run_config(tmp_path, model_dir, layers_to_skip=2))
+def test_auto_fit_records_its_choices_and_picks_the_lowest_heldout_perplexity(tmp_path, model_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="replaceme_jax"):
+        result = compress(run_config(tmp_path, model_dir, layers_to_skip=2))
     block = result.report["block_results"][0]
     validation = block["validation"]
     assert validation["heldout_sequences"] >= 4
@@ -64,6 +65,8 @@ def test_auto_fit_records_its_choices_and_picks_the_lowest_heldout_perplexity(tm
     tried = [c for c in validation["candidates"] if "perplexity" in c]
     assert len(tried) >= 4  # a search, not one point
     assert validation["perplexity_with_T"] == min(c["perplexity"] for c in tried)
+    # the search is not silent: one log line per fit scored
+    assert len([r for r in caplog.records if r.getMessage().startswith("held-out search: fit ")]) == len(tried)
     chosen = block["solver"]
     assert chosen["alpha_relative"] in pipeline.RELATIVE_ALPHAS
     assert chosen["first_token_weight"] in pipeline.FIRST_TOKEN_WEIGHTS
