@@ -184,15 +184,23 @@ def shard_params(params, specs, mesh: Mesh, rules: ShardingRules = ShardingRules
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, param_shardings(specs, mesh, rules))
 
 
-def place_fn(mesh: Mesh, rules: ShardingRules = ShardingRules()):
+class MeshPlacement:
     """A loader hook that puts each tensor straight into its sharded device array (no full copy per
-    device; on several hosts each host fills only its own shards)."""
+    device; on several hosts each host fills only its own shards). Loaders that restore whole
+    checkpoints at once (orbax) ask ``sharding(spec)`` instead, so each device reads only its shard."""
 
-    def place(path: str, spec: ParamSpec, array: np.ndarray) -> jax.Array:
-        sharding = NamedSharding(mesh, rules.partition_spec(spec, mesh))
-        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    def __init__(self, mesh: Mesh, rules: ShardingRules = ShardingRules()):
+        self.mesh, self.rules = mesh, rules
 
-    return place
+    def sharding(self, spec: ParamSpec) -> NamedSharding:
+        return NamedSharding(self.mesh, self.rules.partition_spec(spec, self.mesh))
+
+    def __call__(self, path: str, spec: ParamSpec, array: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(array.shape, self.sharding(spec), lambda index: array[index])
+
+
+def place_fn(mesh: Mesh, rules: ShardingRules = ShardingRules()) -> MeshPlacement:
+    return MeshPlacement(mesh, rules)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -190,7 +190,7 @@ def load_model(src: str | os.PathLike, dtype: str | None = None, place: PlaceFn 
     if kind == "orbax":
         from replaceme_jax.conversion.orbax_io import load_orbax
 
-        return load_orbax(src, dtype=dtype)
+        return load_orbax(src, dtype=dtype, place=place)
     return load_hf_directory(src, dtype=dtype, place=place)
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import jax
 
 from replaceme_jax.conversion.atomic import atomic_output_dir
-from replaceme_jax.conversion.core import LoadedModel, dtype_name, parse_dtype
+from replaceme_jax.conversion.core import LoadedModel, PlaceFn, default_place, dtype_name, parse_dtype
 from replaceme_jax.errors import CheckpointError
 from replaceme_jax.models import family_for
-from replaceme_jax.models.common import abstract_params
+from replaceme_jax.models.common import map_specs
 
 META_FILE = "replaceme_jax.json"
 FORMAT_VERSION = 1
@@ -51,7 +51,10 @@ def save_orbax(model: LoadedModel, dst: str | os.PathLike, dtype: str | None = N
     return dst
 
 
-def load_orbax(src: str | os.PathLike, dtype: str | None = None) -> LoadedModel:
+def load_orbax(src: str | os.PathLike, dtype: str | None = None, place: PlaceFn = default_place) -> LoadedModel:
+    """Restore a checkpoint of ``save_orbax``. With a mesh placement (``sharding.place_fn``) every
+    array is restored straight into its shards: each device reads only its part of the file, so no
+    host or device ever holds a whole tensor it does not own."""
     import orbax.checkpoint as ocp
 
     path = Path(src)
@@ -64,7 +67,9 @@ def load_orbax(src: str | os.PathLike, dtype: str | None = None) -> LoadedModel:
     hf_config = meta["hf_config"]
     config = family_for(hf_config.get("model_type")).config_from_hf(hf_config)
     stored = parse_dtype(meta["dtype"])
-    target = abstract_params(family_for(config.model_type).param_specs(config), stored)
+    sharding = getattr(place, "sharding", None)
+    target = map_specs(lambda spec: jax.ShapeDtypeStruct(spec.shape, stored, sharding=sharding and sharding(spec)),
+                       family_for(config.model_type).param_specs(config))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(path.resolve() / "params", target)

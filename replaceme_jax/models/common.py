@@ -37,11 +37,6 @@ def map_specs(fn: Callable[[ParamSpec], Any], specs) -> Any:
     return jax.tree.map(fn, specs, is_leaf=is_spec)
 
 
-def abstract_params(specs, dtype) -> Any:
-    """ShapeDtypeStructs for every parameter (no memory touched)."""
-    return map_specs(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), specs)
-
-
 def init_params(specs, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
     """Random parameters with the declared shapes (for tests and benchmarks of real shapes)."""
     leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
