@@ -125,6 +125,10 @@ class ReplaceMeSolver:
     loss: Literal["cosine", "mse"] = "cosine"
     accurate: bool = False
     min_distance_layer: int | None = None  # smallest block start considered (the reference ignores it; we honour it)
+    # distance: the block of lowest angular distance (the paper); heldout: of the block_candidates lowest,
+    # the one whose lstsq map gives the lowest held-out perplexity (one block, num_A: 1)
+    block_choice: Literal["distance", "heldout"] = "distance"
+    block_candidates: int = 4
     use_4bit: bool = False  # reference option (bitsandbytes on CUDA); not supported here
     solver: Literal["adam"] = "adam"
     two_vectors: bool = False  # reference option; not supported
@@ -163,7 +167,7 @@ class ReplaceMeSolver:
     refine_top_k: int = 64  # teacher tokens kept per position (the rest is one bucket)
 
     def validate_solver(self) -> None:
-        _at_least_one(self, ("layers_to_skip", "num_A", "cosine_epochs", "cosine_batch_rows", "cosine_max_tokens",
+        _at_least_one(self, ("layers_to_skip", "num_A", "block_candidates", "cosine_epochs", "cosine_batch_rows", "cosine_max_tokens",
                              "refine_steps", "refine_tokens", "refine_top_k"))
         if self.alpha != "auto" and self.alpha < 0:
             raise UsageError(f"config key 'alpha' must be >= 0 or auto (got {self.alpha})")
@@ -186,6 +190,12 @@ class ReplaceMeSolver:
         for name in ("two_vectors", "thri"):
             if getattr(self, name):
                 raise UsageError(f"config key {name!r}: structured transforms are not supported (use diag or full T)")
+        if self.block_choice == "heldout":
+            if self.num_A != 1:
+                raise UsageError("config key 'block_choice: heldout' chooses one block (num_A: 1)")
+            if self.validation_fraction == 0 or self.method != "lstsq":
+                raise UsageError("config key 'block_choice: heldout' scores lstsq maps on held-out documents: "
+                                 "it needs method: lstsq and validation_fraction > 0")
         if self.diag and self.method == "cosine":
             raise UsageError("config key 'diag' applies to method lstsq only")
 

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -284,3 +285,33 @@ def test_normalized_rows_equal_a_weighted_float64_fit(tmp_path):
     T, _ = lstsq_from_normal_equations(eq.A, eq.B)
     np.testing.assert_allclose(T, expected, atol=1e-4 * np.abs(expected).max())
     assert eq.rows == len(M)
+
+
+def test_block_choice_heldout_takes_the_candidate_whose_map_scores_best(tmp_path):
+    """``block_choice: heldout`` scores the lstsq maps of the lowest-distance blocks on the held-out
+    documents and keeps the best; its score of the chosen block is what the block's own search finds
+    at the same starting point."""
+    make_model(tmp_path / "m", "llama", num_hidden_layers=8)
+    result = compress(run_config(tmp_path, tmp_path / "m", block_choice="heldout", block_candidates=3,
+                                 save_path=None))
+    choice = result.report["block_choice"]
+    ranked = sorted(result.distances, key=lambda s: (result.distances[s], s))[:3]
+    assert choice["method"] == "heldout" and [c["block"][0] for c in choice["candidates"]] == ranked
+    best = min(choice["candidates"], key=lambda c: c["perplexity"])
+    assert choice["chosen"] == best["block"] and result.report["blocks"] == [best["block"]]
+    searched = result.blocks[0].validation["candidates"]
+    same_start = [c["perplexity"] for c in searched if c["first_token_weight"] == best["first_token_weight"]
+                  and c["alpha_relative"] == best["alpha_relative"]]
+    assert same_start and same_start[0] == pytest.approx(best["perplexity"], rel=1e-5)
+    assert result.blocks[0].validation["perplexity_with_T"] <= best["perplexity"] * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(block_choice="heldout", num_A=2), "chooses one block (num_A: 1)"),
+    (dict(block_choice="heldout", method="uidl"), "needs method: lstsq"),
+    (dict(block_choice="heldout", validation_fraction=0.0, alpha=0.0, first_token_rows="exclude"),
+     "needs method: lstsq and validation_fraction > 0"),
+])
+def test_block_choice_heldout_refuses_what_it_cannot_score(tmp_path, overrides, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        run_config(tmp_path, tmp_path / "m", **overrides).validate()

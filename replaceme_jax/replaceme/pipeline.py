@@ -199,6 +199,45 @@ def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[Norma
     return records[best], ordered
 
 
+def _choose_block_on_heldout(cfg: CompressConfig, model: LoadedModel, pass1, distances: dict[int, float],
+                             starts: list[int], n: int, data: CalibrationData) -> tuple[list, dict]:
+    """Of the ``block_candidates`` blocks of lowest angular distance, the one whose lstsq map (from each
+    search start, as the merge writes it) gives the lowest held-out perplexity. The distance says how
+    far the block moves the hidden state, not how well one linear map can stand in for it."""
+    ranked = sorted(distances, key=lambda s: (distances[s], s))[:cfg.block_candidates]
+    weights = _weight_grid(cfg)
+    scored = []
+    for start in ranked:
+        index = starts.index(start)
+        family = LstsqFamily(cfg, pass1.sums["fit"]["rest"][index], pass1.sums["fit"]["first"][index])
+        evaluator = HeldoutEvaluator(model.params, model.config, start, start + n, data.validation_batches)
+        realize = functools.partial(model.family.realizable_output_map, model.params["layers"][start - 1],
+                                    model.config)
+        best = {"perplexity": float("inf")}
+        points = {(w if cfg.first_token_rows == "auto" else weights[0], a if cfg.alpha == "auto" else None)
+                  for w, a in SEARCH_STARTS}
+        for w, relative in sorted(points, key=str):
+            alpha = family.absolute_alpha(relative) if relative is not None else _numeric_alpha(cfg, family, w)
+            T, _ = family.solve(w, alpha)
+            if T is None:
+                continue
+            eq = family.equations(w)
+            ppl = evaluator.perplexity(realize(T, eq.A, eq.B))
+            if ppl < best["perplexity"]:
+                best = {"perplexity": ppl, "first_token_weight": w, "alpha_relative": relative}
+        scored.append({"block": [start, start + n], "distance": distances[start], **best})
+        log.info("block choice: (%d, %d) distance %.4f, held-out perplexity %.3f with T", start, start + n,
+                 distances[start], best["perplexity"])
+    chosen = min(scored, key=lambda r: (r["perplexity"], r["distance"]))
+    if chosen["perplexity"] == float("inf"):
+        raise ReplaceMeError("block_choice: heldout: no candidate block has a map (too little calibration data; "
+                             "set alpha > 0 or auto)")
+    start = chosen["block"][0]
+    log.info("block choice: (%d, %d) by held-out perplexity (lowest distance: (%d, %d))", start, start + n,
+             ranked[0], ranked[0] + n)
+    return [(start, start + n)], {"method": "heldout", "candidates": scored, "chosen": chosen["block"]}
+
+
 def _cosine_T(cfg: CompressConfig, model: LoadedModel, block: tuple[int, int], policy: str, T0, batches,
               timer: StageTimer, mesh=None, checkpoint=None) -> tuple[np.ndarray, dict]:
     """The cosine solver on rows of ``block`` under ``policy``, bounded by cosine_max_tokens."""
@@ -450,6 +489,13 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
                             heldout_batches=data.heldout_batches or ())
     distances = pass1.distances()
     blocks = select_blocks(distances, n, cfg.num_A, cfg.merge_consecutive)
+    block_choice = None
+    if cfg.block_choice == "heldout" and not distances_only:
+        if not gather_all or data.validation_batches is None:
+            raise UsageError("block_choice: heldout needs every candidate's statistics from pass 1 (method: lstsq "
+                             "within one_pass_max_bytes) and held-out documents")
+        with timer("block_choice"):
+            blocks, block_choice = _choose_block_on_heldout(cfg, model, pass1, distances, starts, n, data)
     log.info("chosen blocks %s (distances %s)", blocks, [round(distances.get(s, float("nan")), 4) for s, _ in blocks])
 
     results: list[BlockResult] = []
@@ -487,6 +533,7 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
         "method": cfg.method,
         "model_path": cfg.model_path,
         "blocks": [[s, e] for s, e in blocks],
+        "block_choice": block_choice or {"method": "distance"},
         "distances": [distances[s] for s in starts],
         "distance_starts": starts,
         "layers_to_skip": n,
