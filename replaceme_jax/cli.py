@@ -67,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first N items of each task (windows for perplexity); per task as wikitext2=16,arc_easy=200; "
                         "a plain number beside them sets the rest (100,wikitext2=8)")
     p.add_argument("--max-length", type=int, default=1024,
-                   help="perplexity window in tokens (each window scored alone, no BOS); longer "
+                   help="perplexity window in tokens (each window scored alone); longer "
                         "multiple-choice inputs are cut on the left")
+    p.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
+                   help="a BOS token in front of every scored sequence: auto (default) for the model types "
+                        "lm-evaluation-harness gives one (Gemma), always, or never")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--generate", default=None, metavar="FILE",
                    help="prompts, one a line: every model's greedy continuation side by side in the report "
@@ -165,7 +168,8 @@ def cmd_evaluate(args) -> int:
     report = run_evaluation(args.model, args.tasks or (), data_dir=args.data_dir, limit=args.limit,
                             max_length=args.max_length, batch_size=args.batch_size, output=args.output,
                             progress=not args.quiet, generate=args.generate, max_new_tokens=args.max_new_tokens,
-                            reference=args.reference, mesh=args.mesh)
+                            reference=args.reference, mesh=args.mesh,
+                            bos={"auto": "auto", "always": True, "never": False}[args.bos])
     tables = [markdown_table(report), generation_table(report) if "generation" in report else ""]
     print("\n\n".join(t for t in tables if t))
     if args.output:

@@ -274,3 +274,43 @@ def test_table_gives_no_percentage_for_kl_even_when_the_first_models_kl_is_round
     kl_row = next(line for line in table.splitlines() if "| kl |" in line)
     assert kl_row.rstrip().endswith("| 1.2000 |")
     assert "(200.0%)" in table and "(40.0%)" in table
+
+
+def test_gemma_gets_a_bos_before_every_scored_sequence_as_lm_eval_gives_it(tmp_path):
+    """``bos: auto``: Gemma (trained with a BOS) is scored after one, as lm-evaluation-harness does;
+    other families as before. Perplexity windows are then ``max_length - 1`` tokens scored whole."""
+    from tests.helpers import FAMILY_CONFIGS
+
+    model_type, overrides = FAMILY_CONFIGS["gemma3_text"]
+    torch_gemma = make_model(tmp_path / "gemma", model_type, **overrides)
+    make_model(tmp_path / "llama", "llama", num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(4)
+    text = tmp_path / "notes.txt"
+    text.write_text(words(rng, 100))
+    data = make_data_dir(tmp_path / "eval", rng)
+    tasks = f"ppl:{text},arc_easy,lambada_openai"
+    with jax.default_matmul_precision("highest"):
+        report = ev.run_evaluation([str(tmp_path / "gemma"), str(tmp_path / "llama")], tasks, data_dir=data,
+                                   max_length=16, batch_size=3, progress=False)
+        never = ev.run_evaluation([str(tmp_path / "gemma")], tasks, data_dir=data, max_length=16, batch_size=3,
+                                  progress=False, bos=False)
+    gemma, llama = report["models"].values()
+    assert report["settings"]["bos"] == "auto" and gemma["bos"] and not llama["bos"]
+    assert not next(iter(never["models"].values()))["bos"]
+
+    model = load_model(tmp_path / "gemma")
+    tokenizer = load_tokenizer(model)
+    bos = tokenizer.bos_token_id
+    tokens = tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
+    windows = [tokens[i * 15:(i + 1) * 15] for i in range(len(tokens) // 15)]
+    logprobs = [torch_score(torch_gemma, [bos], w, 16)[0] for w in windows]
+    assert gemma["results"][f"ppl:{text}"]["perplexity"] == pytest.approx(
+        math.exp(-sum(logprobs) / (15 * len(windows))), rel=PER_TOKEN_ATOL)
+
+    task = ev.load_task("lambada_openai", data)
+    pairs = ev.tokenize_pairs(tokenizer, task.items)
+    with_bos = ev.score_requests(model.params, model.config, [([bos, *c], t) for c, t in pairs], max_length=16)
+    assert gemma["results"]["lambada_openai"]["perplexity"] == pytest.approx(
+        math.exp(-with_bos.logprob.mean()), rel=1e-5)
+    assert gemma["results"]["lambada_openai"]["perplexity"] != pytest.approx(
+        next(iter(never["models"].values()))["results"]["lambada_openai"]["perplexity"], rel=1e-3)

@@ -24,9 +24,10 @@ from replaceme_jax.evaluation.metrics import (MultipleChoiceItem, TaskResult, ac
                                               perplexity_of_tokens, perplexity_windows)
 from replaceme_jax.evaluation.report import (generation_table, markdown_cell, markdown_table, plot_report,
                                              run_evaluation)
-from replaceme_jax.evaluation.scoring import (LOGITS_CHUNK_BYTES, MIN_BUCKET, MIN_VOCAB_CHUNK, Reference, Scores,
+from replaceme_jax.evaluation.scoring import (BOS_MODEL_TYPES, LOGITS_CHUNK_BYTES, MIN_BUCKET, MIN_VOCAB_CHUNK, Reference, Scores,
                                               bucket_length, encode, head_chunks, loglikelihoods, reference_divergence,
-                                              score_requests, target_logprobs, tokenize_pairs, vocab_chunk_size)
+                                              score_requests, scoring_bos_id, target_logprobs, tokenize_pairs,
+                                              vocab_chunk_size)
 from replaceme_jax.evaluation.tasks import (BUNDLED_DIR, PREFIX_KINDS, REPO_ROOT, TASK_HELP, TASKS, Task, TaskSpec,
                                             bundled_task_file, default_data_dir, load_task, parse_limits,
                                             parse_task_list, read_prompts, run_task)
@@ -34,7 +35,8 @@ from replaceme_jax.evaluation.tasks import (BUNDLED_DIR, PREFIX_KINDS, REPO_ROOT
 __all__ = [
     # scoring
     "LOGITS_CHUNK_BYTES", "MIN_BUCKET", "MIN_VOCAB_CHUNK", "Reference", "Scores", "bucket_length", "encode",
-    "head_chunks", "loglikelihoods", "reference_divergence", "score_requests", "target_logprobs", "tokenize_pairs",
+    "BOS_MODEL_TYPES", "head_chunks", "loglikelihoods", "reference_divergence", "score_requests", "scoring_bos_id",
+    "target_logprobs", "tokenize_pairs",
     "vocab_chunk_size",
     # metrics
     "MultipleChoiceItem", "TaskResult", "accuracy", "binomial_stderr", "generation_exact_match", "lambada",

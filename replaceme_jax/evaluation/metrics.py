@@ -95,12 +95,16 @@ def perplexity_windows(token_ids: Sequence[int], window: int) -> list[np.ndarray
 
 def perplexity_of_tokens(params, config, token_ids: Sequence[int], *, max_length: int = 1024,
                          batch_size: int = 8, limit: int | None = None, progress: bool = False,
-                         desc: str = "perplexity", reference: Reference | None = None) -> TaskResult:
-    """Perplexity over the first ``limit`` windows of ``max_length`` tokens, each scored on its own."""
-    windows = perplexity_windows(token_ids, max_length)[:limit]
+                         desc: str = "perplexity", reference: Reference | None = None,
+                         bos_id: int | None = None) -> TaskResult:
+    """Perplexity over the first ``limit`` windows of ``max_length`` tokens, each scored on its own:
+    its first token is context only; with ``bos_id``, windows of ``max_length - 1`` tokens are scored
+    whole after the BOS (lm-evaluation-harness's rolling windows for models trained with one)."""
+    windows = perplexity_windows(token_ids, max_length - (bos_id is not None))[:limit]
     if not windows:
         raise ReplaceMeError("perplexity needs at least 2 tokens of text")
-    scores = score_requests(params, config, [(w[:1], w[1:]) for w in windows], max_length=max_length,
+    requests = [([bos_id], w) for w in windows] if bos_id is not None else [(w[:1], w[1:]) for w in windows]
+    scores = score_requests(params, config, requests, max_length=max_length,
                             batch_size=batch_size, progress=progress, desc=desc, reference=reference)
     nll = -scores.logprob.sum() / scores.num_tokens.sum()
     return TaskResult({"perplexity": float(math.exp(nll)), **divergence(scores), "n": len(windows)}, scores)
@@ -138,13 +142,13 @@ def norm_length(choice: str) -> int:
 
 def multiple_choice(params, config, tokenizer, items: Sequence[MultipleChoiceItem], *, max_length: int = 1024,
                     batch_size: int = 8, progress: bool = False, desc: str = "multiple choice",
-                    reference: Reference | None = None) -> TaskResult:
+                    reference: Reference | None = None, bos_id: int | None = None) -> TaskResult:
     """``acc`` and ``acc_norm`` over the items, each with its standard error."""
     if not items:
         raise ReplaceMeError("multiple_choice needs at least one item")
     pairs = [option for item in items for option in item.options]
     scores = loglikelihoods(params, config, tokenizer, pairs, max_length=max_length, batch_size=batch_size,
-                            progress=progress, desc=desc, reference=reference)
+                            progress=progress, desc=desc, reference=reference, bos_id=bos_id)
     acc, acc_norm, offset = [], [], 0
     for item in items:
         lls = scores.logprob[offset:offset + len(item.options)]
@@ -157,12 +161,12 @@ def multiple_choice(params, config, tokenizer, items: Sequence[MultipleChoiceIte
 
 def lambada(params, config, tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int = 1024,
             batch_size: int = 8, progress: bool = False, desc: str = "lambada",
-            reference: Reference | None = None) -> TaskResult:
+            reference: Reference | None = None, bos_id: int | None = None) -> TaskResult:
     """Greedy accuracy and perplexity of each continuation (give it as scored, leading space included)."""
     if not pairs:
         raise ReplaceMeError("lambada needs at least one item")
     scores = loglikelihoods(params, config, tokenizer, pairs, max_length=max_length, batch_size=batch_size,
-                            progress=progress, desc=desc, reference=reference)
+                            progress=progress, desc=desc, reference=reference, bos_id=bos_id)
     metrics = {**accuracy("acc", scores.greedy), "perplexity": float(math.exp(-scores.logprob.mean())),
                **divergence(scores), "n": len(pairs)}
     return TaskResult(metrics, scores)

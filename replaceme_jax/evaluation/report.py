@@ -15,7 +15,7 @@ import numpy as np
 from replaceme_jax.errors import ReplaceMeError, UsageError
 from replaceme_jax.evaluation.generation import greedy_continuations
 from replaceme_jax.evaluation.metrics import TaskResult
-from replaceme_jax.evaluation.scoring import Reference
+from replaceme_jax.evaluation.scoring import Reference, scoring_bos_id
 from replaceme_jax.evaluation.tasks import TASK_HELP, load_task, parse_limits, parse_task_list, read_prompts, run_task
 from replaceme_jax.sharding import make_mesh, place_fn, shard_params
 
@@ -35,7 +35,7 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
                    limit: int | str | dict | None = None, max_length: int = 1024, batch_size: int = 8,
                    output: str | Path | None = None, progress: bool = True, generate: str | Path | None = None,
                    max_new_tokens: int = 32, reference: str | Path | None = None,
-                   mesh: Mapping[str, int] | None = None) -> dict:
+                   mesh: Mapping[str, int] | None = None, bos: str | bool = "auto") -> dict:
     """Evaluate each model on each task, and greedily continue each prompt of ``generate`` (a file, one
     prompt a line) with each model; write the JSON report (and a bar chart beside it) if asked.
 
@@ -51,6 +51,10 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
     ``sharding.make_mesh``). Each model (and the reference) is loaded straight into its shards and
     every scoring batch is split over ``data x fsdp`` (``scoring``); the figures are the single
     device's up to the order of float32 sums. Default: one device.
+
+    ``bos``: put the tokenizer's BOS in front of every scored sequence: ``auto`` (default) for the
+    model types lm-evaluation-harness gives one (Gemma, which is trained with it), ``True``/``False``
+    always/never (``scoring_bos_id``). Each model's entry says whether it got one (``bos``).
     """
     from replaceme_jax.conversion import load_model, load_tokenizer
 
@@ -58,6 +62,8 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
         raise UsageError("no model given")
     if max_length < 2 or batch_size < 1:
         raise UsageError(f"--max-length must be >= 2 and --batch-size >= 1 (got {max_length}, {batch_size})")
+    if bos not in ("auto", True, False):
+        raise UsageError(f"bos must be auto, always or never (got {bos!r})")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     has_tasks = bool(tasks.strip()) if isinstance(tasks, str) else bool(tasks)
@@ -77,7 +83,7 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
         check_model_source(src)  # a bad second model fails now, not after the first one is scored
     settings = {"tasks": [t.name for t in loaded_tasks], "files": {t.name: str(t.path) for t in loaded_tasks},
                 "limit": limit, "limits": limits, "max_length": max_length, "batch_size": batch_size,
-                "backend": jax.default_backend(),
+                "backend": jax.default_backend(), "bos": bos,
                 "mesh": dict(device_mesh.shape) if device_mesh is not None else None}
     if generate is not None:
         settings.update(generate=str(generate), max_new_tokens=max_new_tokens)
@@ -100,10 +106,12 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
         if max_length > config.max_position_embeddings:
             log.warning("%s: --max-length %d exceeds max_position_embeddings %d", src, max_length,
                         config.max_position_embeddings)
-        entry = {"path": str(src), "num_hidden_layers": config.num_hidden_layers, "results": {}, "timing": {}}
+        bos_id = scoring_bos_id(config, tokenizer, bos)
+        entry = {"path": str(src), "num_hidden_layers": config.num_hidden_layers, "bos": bos_id is not None,
+                 "results": {}, "timing": {}}
         for task in loaded_tasks:
             result = run_task(model.params, config, tokenizer, task, max_length=max_length, batch_size=batch_size,
-                              progress=progress, reference=compare)
+                              progress=progress, reference=compare, bos_id=bos_id)
             entry["results"][task.name] = result.metrics
             entry["timing"][task.name] = timing = result.timing()
             if result.generations is not None:

@@ -405,6 +405,26 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
 
 
+# lm-evaluation-harness (HFLM) puts a BOS in front of every scored sequence for these model types, which
+# are trained with one; for the others it scores text as it is (our convention, and the reference's).
+BOS_MODEL_TYPES = ("gemma",)
+
+
+def scoring_bos_id(config, tokenizer, bos: str | bool = "auto") -> int | None:
+    """The token put in front of every scored sequence, or None. ``auto``: the tokenizer's BOS for the
+    model types of ``BOS_MODEL_TYPES`` (Gemma), none for the others; ``True``/``False``: always/never."""
+    if bos not in ("auto", True, False):
+        raise UsageError(f"bos must be auto, always or never (got {bos!r})")
+    wanted = bos if bos != "auto" else config.model_type.startswith(BOS_MODEL_TYPES)
+    if not wanted:
+        return None
+    if tokenizer.bos_token_id is None:
+        if bos is True:
+            raise ReplaceMeError("a BOS token was asked for, and the tokenizer has none")
+        return None
+    return int(tokenizer.bos_token_id)
+
+
 def _empty_context_ids(tokenizer) -> list[int]:
     token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     if token is None:
@@ -412,15 +432,18 @@ def _empty_context_ids(tokenizer) -> list[int]:
     return [int(token)]
 
 
-def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(context, continuation) strings -> token ids, each side tokenised on its own (MODELS.md)."""
+def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]],
+                   bos_id: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) strings -> token ids, each side tokenised on its own (MODELS.md);
+    ``bos_id`` goes in front of every context (an empty one is then the BOS alone)."""
     contexts = sorted({c for c, _ in pairs})
     continuations = sorted({c for _, c in pairs})
     context_ids = dict(zip(contexts, encode(tokenizer, contexts)))
     continuation_ids = dict(zip(continuations, encode(tokenizer, continuations)))
     out = []
     for i, (context, continuation) in enumerate(pairs):
-        ctx = context_ids[context] or _empty_context_ids(tokenizer)
+        ctx = [bos_id, *context_ids[context]] if bos_id is not None else \
+            context_ids[context] or _empty_context_ids(tokenizer)
         cont = continuation_ids[continuation]
         if not cont:
             raise ReplaceMeError(f"request {i}: continuation {continuation!r} has no tokens")
@@ -430,7 +453,7 @@ def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[li
 
 def loglikelihoods(params, config, tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int = 1024,
                    batch_size: int = 8, progress: bool = False, desc: str = "scoring",
-                   reference: Reference | None = None) -> Scores:
-    """``score_requests`` on (context, continuation) strings."""
-    return score_requests(params, config, tokenize_pairs(tokenizer, pairs), max_length=max_length,
+                   reference: Reference | None = None, bos_id: int | None = None) -> Scores:
+    """``score_requests`` on (context, continuation) strings (``bos_id``: see ``tokenize_pairs``)."""
+    return score_requests(params, config, tokenize_pairs(tokenizer, pairs, bos_id), max_length=max_length,
                           batch_size=batch_size, progress=progress, desc=desc, reference=reference)

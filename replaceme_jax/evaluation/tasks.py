@@ -284,11 +284,13 @@ def load_task(name: str, data_dir: str | Path | None = None, limit: int | None =
 
 
 def run_task(params, config, tokenizer, task: Task, *, max_length: int = 1024, batch_size: int = 8,
-             progress: bool = False, reference: Reference | None = None) -> TaskResult:
+             progress: bool = False, reference: Reference | None = None, bos_id: int | None = None) -> TaskResult:
     """The task's metrics for one model; with a ``reference``, scoring tasks add ``kl`` and
-    ``top1_agreement`` on their scored tokens (generation tasks score none)."""
+    ``top1_agreement`` on their scored tokens (generation tasks score none). ``bos_id``: put in front
+    of every scored sequence (``scoring_bos_id``); generation prompts get the tokenizer's own
+    special tokens either way."""
     kwargs = dict(max_length=max_length, batch_size=batch_size, progress=progress, desc=task.name,
-                  reference=reference)
+                  reference=reference, bos_id=bos_id)
     if task.kind == "perplexity":
         return perplexity(params, config, tokenizer, task.text, limit=task.limit, **kwargs)
     if task.kind == "lambada":
