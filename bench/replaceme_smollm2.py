@@ -40,7 +40,14 @@ VARIANTS = {
     "cosine": (dict(method="cosine"), "reference cosine settings (identity init, lr 1e-4, 10 epochs), our rows"),
     "cosine_accurate_lstsq_init": (dict(method="cosine", accurate=True, cosine_init="lstsq"),
                                    "accurate objective, lstsq init, our rows"),
+    "lstsq_block_heldout": (dict(method="lstsq", block_choice="heldout"),
+                            "of the 4 lowest-distance blocks, the one whose map scores best on held-out documents"),
+    "lstsq_2x4": (dict(method="lstsq", layers_to_skip=4, num_A=2), "two blocks of 4 layers, one map each (multi-LT)"),
+    "lstsq_2x4_kl": (dict(method="lstsq", layers_to_skip=4, num_A=2, refine="kl", refine_steps=60, refine_lr=2e-4),
+                     "two blocks of 4 layers, each map refined by 60 KL steps"),
     **{f"{method}_n{n}": (dict(method=method, layers_to_skip=n), "") for n in (4, 6, 10) for method in ("uidl", "lstsq")},
+    **{f"lstsq_kl_n{n}": (dict(method="lstsq", layers_to_skip=n, refine="kl", refine_steps=60, refine_lr=2e-4), "")
+       for n in (4, 6, 10)},
 }
 TASKS = ("wikitext2", "lambada_openai", "arc_easy", "piqa", "hellaswag", "winogrande")
 
