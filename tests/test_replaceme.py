@@ -315,3 +315,9 @@ def test_block_choice_heldout_takes_the_candidate_whose_map_scores_best(tmp_path
 def test_block_choice_heldout_refuses_what_it_cannot_score(tmp_path, overrides, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         run_config(tmp_path, tmp_path / "m", **overrides).validate()
+
+
+def test_block_choice_heldout_refuses_before_the_pass_when_statistics_would_not_fit(tmp_path):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=6)
+    with pytest.raises(UsageError, match="block_choice: heldout needs every candidate's statistics"):
+        compress(run_config(tmp_path, tmp_path / "m", block_choice="heldout", one_pass_max_bytes=1, save_path=None))

@@ -479,6 +479,10 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     # UIDL needs the distances only (and dropping errors, scalars per candidate): one light pass.
     gather_all = (not distances_only and cfg.method == "lstsq"
                   and stats_bytes(len(starts), dim) <= cfg.one_pass_max_bytes)
+    if cfg.block_choice == "heldout" and not distances_only and (not gather_all or data.validation_batches is None):
+        raise UsageError(f"block_choice: heldout needs every candidate's statistics from pass 1 "
+                         f"({stats_bytes(len(starts), dim) / 2**30:.1f} GiB; one_pass_max_bytes allows "
+                         f"{cfg.one_pass_max_bytes / 2**30:.1f}) and held-out documents")
     spec = CaptureSpec(distance_starts=tuple(starts), distance_n=n,
                        stats_blocks=tuple((s, s + n) for s in starts) if gather_all else (), rows=rows,
                        reference_distance_state=cfg.distance_state == "reference")
@@ -491,9 +495,6 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     blocks = select_blocks(distances, n, cfg.num_A, cfg.merge_consecutive)
     block_choice = None
     if cfg.block_choice == "heldout" and not distances_only:
-        if not gather_all or data.validation_batches is None:
-            raise UsageError("block_choice: heldout needs every candidate's statistics from pass 1 (method: lstsq "
-                             "within one_pass_max_bytes) and held-out documents")
         with timer("block_choice"):
             blocks, block_choice = _choose_block_on_heldout(cfg, model, pass1, distances, starts, n, data)
     log.info("chosen blocks %s (distances %s)", blocks, [round(distances.get(s, float("nan")), 4) for s, _ in blocks])
