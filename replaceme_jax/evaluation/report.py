@@ -17,7 +17,7 @@ from replaceme_jax.evaluation.generation import greedy_continuations
 from replaceme_jax.evaluation.metrics import TaskResult
 from replaceme_jax.evaluation.scoring import Reference, scoring_bos_id
 from replaceme_jax.evaluation.tasks import TASK_HELP, load_task, parse_limits, parse_task_list, read_prompts, run_task
-from replaceme_jax.sharding import make_mesh, place_fn, shard_params
+from replaceme_jax.sharding import check_replication, make_mesh, place_fn
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _load(load_model, src: str, mesh=None):
         model = load_model(src)
     else:
         model = load_model(src, place=place_fn(mesh))
-        model.params = shard_params(model.params, model.family.param_specs(model.config), mesh)
+        check_replication(model.family.param_specs(model.config), mesh)
     log.info("loaded %s (%d layers) in %.1f s", src, model.config.num_hidden_layers, time.perf_counter() - start)
     return model
 

@@ -35,7 +35,7 @@ from replaceme_jax.experts.stats import SALIENCY_METHODS, logit_cosine, reconstr
 from replaceme_jax.models.moe import MoeConfig
 from replaceme_jax.progress import progress_bar
 from replaceme_jax.report import StageTimer, plot_saliency_heatmap, write_json
-from replaceme_jax.sharding import check_batch_divides, make_mesh, place_fn, shard_params
+from replaceme_jax.sharding import check_batch_divides, check_replication, make_mesh, place_fn
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def compress_experts(cfg: ExpertsConfig) -> ExpertsResult:
         if mesh.size > 1:
             # tensors go straight into their shards (see compress)
             model = load_model(cfg.model_path, dtype=cfg.dtype, place=place_fn(mesh))
-            model.params = shard_params(model.params, model.family.param_specs(model.config), mesh)
+            check_replication(model.family.param_specs(model.config), mesh)
         else:
             model = load_model(cfg.model_path, dtype=cfg.dtype)
         check_finite(model.params, cfg.model_path)

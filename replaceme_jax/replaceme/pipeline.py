@@ -32,7 +32,7 @@ from replaceme_jax.replaceme.solvers import (NormalEquations, cosine_state, fit_
 from replaceme_jax.replaceme.validation import (HeldoutEvaluator, coordinate_search, limit_tokens, perplexity,
                                                 sequence_nll)
 from replaceme_jax.sharding import (check_batch_divides, gather_to_host, initialize_distributed, is_main_process,
-                                    make_mesh, place_fn, shard_params)
+                                    check_replication, make_mesh, place_fn, shard_params)
 from replaceme_jax.data import Batches, batches_for, calibration_sequences, check_sources, split_heldout
 from replaceme_jax.progress import progress_bar
 from replaceme_jax.report import StageTimer, plot_distances, write_distances_csv, write_json
@@ -425,9 +425,9 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
                 model = dataclasses.replace(model, params=shard_params(
                     model.params, model.family.param_specs(model.config), mesh))
         elif mesh.size > 1:
-            # tensors go straight into their shards; orbax restores whole, then is sharded
+            # every format (HF, GGUF, orbax) loads straight into its shards; say what stays replicated
             model = load_model(cfg.model_path, dtype=cfg.dtype, place=place_fn(mesh))
-            model.params = shard_params(model.params, model.family.param_specs(model.config), mesh)
+            check_replication(model.family.param_specs(model.config), mesh)
         else:
             model = load_model(cfg.model_path, dtype=cfg.dtype)
         check_finite(model.params, cfg.model_path)
