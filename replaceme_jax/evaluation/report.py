@@ -15,7 +15,7 @@ import numpy as np
 from replaceme_jax.errors import ReplaceMeError, UsageError
 from replaceme_jax.evaluation.generation import greedy_continuations
 from replaceme_jax.evaluation.metrics import TaskResult
-from replaceme_jax.evaluation.scoring import Reference, scoring_bos_id
+from replaceme_jax.evaluation.scoring import Reference, check_bos, scoring_bos_id
 from replaceme_jax.evaluation.tasks import TASK_HELP, load_task, parse_limits, parse_task_list, read_prompts, run_task
 from replaceme_jax.sharding import check_replication, make_mesh, place_fn
 
@@ -62,8 +62,7 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
         raise UsageError("no model given")
     if max_length < 2 or batch_size < 1:
         raise UsageError(f"--max-length must be >= 2 and --batch-size >= 1 (got {max_length}, {batch_size})")
-    if bos not in ("auto", True, False):
-        raise UsageError(f"bos must be auto, always or never (got {bos!r})")
+    check_bos(bos)  # before any model is loaded
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     has_tasks = bool(tasks.strip()) if isinstance(tasks, str) else bool(tasks)

@@ -410,11 +410,15 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 BOS_MODEL_TYPES = ("gemma",)
 
 
+def check_bos(bos) -> None:
+    if bos not in ("auto", True, False):
+        raise UsageError(f"bos must be auto, always or never (got {bos!r})")
+
+
 def scoring_bos_id(config, tokenizer, bos: str | bool = "auto") -> int | None:
     """The token put in front of every scored sequence, or None. ``auto``: the tokenizer's BOS for the
     model types of ``BOS_MODEL_TYPES`` (Gemma), none for the others; ``True``/``False``: always/never."""
-    if bos not in ("auto", True, False):
-        raise UsageError(f"bos must be auto, always or never (got {bos!r})")
+    check_bos(bos)
     wanted = bos if bos != "auto" else config.model_type.startswith(BOS_MODEL_TYPES)
     if not wanted:
         return None
