@@ -43,16 +43,37 @@ def _reference(q, k, v, key_valid, scale, window=None, cap=None):
     return out.reshape(b, s, hq * hd)
 
 
-@pytest.mark.parametrize("window,cap", [(None, None), (4, None), (None, 5.0)])
-def test_einsum_attention_matches_per_head_reference(window, cap):
+@pytest.mark.parametrize("window,cap", [(None, None), (4, None), (None, 5.0), (5, 5.0)])
+@pytest.mark.parametrize("whole_sequence,query_block", [(False, attention.QUERY_BLOCK), (True, 64), (True, 4),
+                                                        (True, 5)])
+def test_einsum_attention_matches_per_head_reference(window, cap, whole_sequence, query_block):
+    """Both einsum paths: the general one (KV cache, explicit positions) and the whole-sequence one in
+    query blocks (one block; blocks of 4 that divide S = 12; blocks of 5, the last one short)."""
     q, k, v, key_valid, lengths = _inputs()
     pos = jnp.broadcast_to(jnp.arange(q.shape[1])[None, :], key_valid.shape)
     with jax.default_matmul_precision("highest"):
         out = attention.attend(q, k, v, scale=0.3, q_positions=pos, k_positions=pos, key_valid=key_valid,
-                               window=window, logit_softcap=cap, implementation="einsum")
+                               window=window, logit_softcap=cap, implementation="einsum",
+                               whole_sequence=whole_sequence, query_block=query_block)
     expected = _reference(q, k, v, key_valid, 0.3, window, cap)
     for r, n in enumerate(lengths):  # the valid queries of each row
         np.testing.assert_allclose(np.asarray(out)[r, :n], expected[r, :n], atol=1e-5)
+
+
+def test_query_blocks_keep_an_empty_filler_row_finite():
+    q, k, v, key_valid, _ = _inputs(s=40)
+    key_valid[1] = False  # a last batch's filler row: no valid key at all
+    pos = jnp.broadcast_to(jnp.arange(40)[None, :], key_valid.shape)
+    out = np.asarray(attention.attend(q, k, v, scale=0.3, q_positions=pos, k_positions=pos, key_valid=key_valid,
+                                      implementation="einsum", whole_sequence=True, query_block=4))
+    assert np.isfinite(out).all()
+
+
+def test_long_sequences_get_larger_query_blocks_not_more_of_them():
+    assert attention.query_block_size(512) == attention.QUERY_BLOCK
+    assert attention.query_block_size(40, 4) == 4
+    assert attention.query_block_size(100_000) * attention.MAX_QUERY_BLOCKS >= 100_000
+    assert attention.query_block_size(100_000) < 100_000 // (attention.MAX_QUERY_BLOCKS - 1)
 
 
 @pytest.mark.parametrize("window", [None, 4])

@@ -20,8 +20,15 @@ def jax_logits(model, ids, mask):
         return np.asarray(family_for(model.config.model_type).forward(model.params, model.config, ids, mask).logits)
 
 
+@pytest.mark.parametrize("query_block", [None, 5])
 @pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))
-def test_logits_match_transformers_with_right_padding(tmp_path, name):
+def test_logits_match_transformers_with_right_padding(tmp_path, name, query_block, monkeypatch):
+    """``query_block`` 5: the whole-sequence attention in three blocks of queries (12 = 5 + 5 + 2), so
+    that its causal prefixes and windows meet every family's masks."""
+    from replaceme_jax.models import attention
+
+    if query_block is not None:
+        monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
     model_type, overrides = FAMILY_CONFIGS[name]
     reference = make_model(tmp_path, model_type, tokenizer=False, **overrides)
     model = load_model(tmp_path)

@@ -3,9 +3,13 @@ logit soft-cap, over keys that are either the sequence itself or a KV cache.
 
 Masks, windows and the cache layout live here and nowhere else. Two implementations:
 
-- ``einsum``: scores in float32, one batched matmul per KV head (queries of a KV head's group stacked
-  along the sequence: XLA:CPU runs this about 2x faster than a 5-D grouped einsum). Any positions,
-  any padding, soft-caps, and the KV cache.
+- ``einsum``: scores in float32. Any positions, any padding, soft-caps, and the KV cache. Over a whole
+  sequence (``whole_sequence``) the queries go in blocks of ``QUERY_BLOCK``, each against only the keys
+  it can see (the causal prefix, and the window): about half the score work of the full ``S x S``,
+  and each block's scores stay in cache; the softmax is normalised after the value product (one pass
+  over the scores fewer). At SmolLM2's shapes (8 x 512) that is 2-3x faster on XLA:CPU than the whole
+  ``[B, h, S, S]`` at once (BENCHMARKS.md, issue 14). Otherwise (a KV cache, explicit positions) one
+  batched matmul per KV head, the queries of a KV head's group stacked along the sequence.
 - ``jax.nn.dot_product_attention`` (``cudnn`` on GPU: a fused flash kernel that never materialises
   ``[B, h, S, S]``; ``xla`` runs the same call anywhere, which is how CPU tests check the mapping of
   causal mask, right padding and window onto its arguments). Only for a whole right-padded sequence
@@ -24,6 +28,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+# Queries per block of the whole-sequence einsum path: 64 was the fastest of 32/64/128/256 on XLA:CPU at
+# S 256-2048 and head_dim 64 or 256; at most MAX_QUERY_BLOCKS blocks, so that the unrolled program stays
+# small for long sequences.
+QUERY_BLOCK = 64
+MAX_QUERY_BLOCKS = 32
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 _warned: set[str] = set()
 
@@ -52,7 +61,7 @@ def resolve_implementation(implementation: str, dtype, logit_softcap: float | No
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, q_positions: jax.Array,
            k_positions: jax.Array, key_valid: jax.Array | None = None, window: int | None = None,
            logit_softcap: float | None = None, whole_sequence: bool = False,
-           implementation: str = "auto") -> jax.Array:
+           implementation: str = "auto", query_block: int | None = None) -> jax.Array:
     """Causal attention of queries ``q`` [B, S, hq, hd] (rope applied) over keys and values
     ``k``, ``v`` [B, hkv, T, hd] (the KV-cache layout; hq a multiple of hkv, query head j*groups+g
     reads KV head j, as in transformers). Returns ``[B, S, hq * hd]``.
@@ -65,6 +74,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, q_position
     impl = resolve_implementation(implementation, q.dtype, logit_softcap, whole_sequence)
     if impl != "einsum":
         return _fused(q, k, v, scale=scale, key_valid=key_valid, window=window, implementation=impl)
+    if whole_sequence and q.shape[1] == k.shape[2]:
+        return _causal_blocks(q, k, v, scale=scale, key_valid=key_valid, window=window,
+                              logit_softcap=logit_softcap, query_block=query_block)
     b, s, hq, hd = q.shape
     hkv, t = k.shape[1], k.shape[2]
     groups = hq // hkv
@@ -82,6 +94,46 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, q_position
     scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, hkv, groups * s, t)
     out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).reshape(b, hkv, groups, s, hd)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, hq * hd)
+
+
+def query_block_size(length: int, query_block: int | None = None) -> int:
+    """Queries per block over a sequence of ``length``: ``query_block`` (default ``QUERY_BLOCK``), or more
+    when that would make more than ``MAX_QUERY_BLOCKS`` blocks."""
+    return max(query_block or QUERY_BLOCK, -(-length // MAX_QUERY_BLOCKS))
+
+
+def _causal_blocks(q, k, v, *, scale, key_valid, window, logit_softcap, query_block):
+    """``attend`` over a whole sequence (positions 0..S-1 for queries and keys): each block of queries
+    against the keys it can see, ``[max(0, lo - window + 1), hi)``."""
+    b, s, hq, hd = q.shape
+    hkv = k.shape[1]
+    groups = hq // hkv
+    block = query_block_size(s, query_block)
+    qg = q.reshape(b, s, hkv, groups, hd).transpose(0, 2, 3, 1, 4)  # [B, hkv, groups, S, hd]
+    outs = []
+    for lo in range(0, s, block):
+        hi = min(lo + block, s)
+        k_lo = 0 if window is None else max(0, lo - window + 1)
+        q_pos = np.arange(lo, hi)[:, None]
+        k_pos = np.arange(k_lo, hi)[None, :]
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed &= (q_pos - k_pos) < window
+        allowed = jnp.asarray(allowed)[None]
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, k_lo:hi]
+        scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, lo:hi], k[:, :, k_lo:hi],
+                            preferred_element_type=jnp.float32) * scale
+        scores = softcap(scores, logit_softcap)
+        # A finite floor keeps fully masked rows (empty filler rows) finite instead of NaN.
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        total = jnp.sum(weights, axis=-1, keepdims=True)
+        out = jnp.einsum("bhgqk,bhkd->bhgqd", weights.astype(v.dtype), v[:, :, k_lo:hi],
+                         preferred_element_type=jnp.float32)
+        outs.append((out / total).astype(v.dtype))
+    out = jnp.concatenate(outs, axis=3)  # [B, hkv, groups, S, hd]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, hq * hd)
 
 
