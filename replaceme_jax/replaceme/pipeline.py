@@ -153,6 +153,18 @@ def _numeric_alpha(cfg: CompressConfig, family: LstsqFamily, w) -> float:
     return float(cfg.alpha) * float(np.mean(np.diag(family.equations(w).A)))
 
 
+def _fit_at(cfg: CompressConfig, family: LstsqFamily, realize: Realize, w,
+            relative) -> tuple[np.ndarray | None, float, dict]:
+    """The map the merge writes at first-position weight ``w`` and relative ridge ``relative`` (None: the
+    configured alpha), its absolute alpha and the solver's info; the map is None when the fit is not unique."""
+    alpha = family.absolute_alpha(relative) if relative is not None else _numeric_alpha(cfg, family, w)
+    T, info = family.solve(w, alpha)
+    if T is not None:
+        eq = family.equations(w)
+        T = realize(T, eq.A, eq.B)
+    return T, alpha, info
+
+
 def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[NormalEquations, NormalEquations] | None,
                   evaluator: HeldoutEvaluator | None, timer: StageTimer, realize: Realize,
                   exact_fold: bool = True) -> tuple[dict, list[dict]]:
@@ -168,12 +180,8 @@ def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[Norma
 
     def candidate(i, j) -> float:
         w = weights[i]
-        alpha = family.absolute_alpha(alphas[j]) if alphas[j] is not None else _numeric_alpha(cfg, family, w)
         with timer("solve", quiet=True):
-            T, info = family.solve(w, alpha)
-            if T is not None:
-                eq = family.equations(w)
-                T = realize(T, eq.A, eq.B)
+            T, alpha, info = _fit_at(cfg, family, realize, w, alphas[j])
         record = {"first_token_weight": w, "first_row_lambda": family.first_row_weight(w),
                   "alpha_relative": alphas[j], "alpha": alpha, **info, "T": T}
         if T is not None and heldout is not None:
@@ -217,12 +225,10 @@ def _choose_block_on_heldout(cfg: CompressConfig, model: LoadedModel, pass1, dis
         points = {(w if cfg.first_token_rows == "auto" else weights[0], a if cfg.alpha == "auto" else None)
                   for w, a in SEARCH_STARTS}
         for w, relative in sorted(points, key=str):
-            alpha = family.absolute_alpha(relative) if relative is not None else _numeric_alpha(cfg, family, w)
-            T, _ = family.solve(w, alpha)
+            T, _, _ = _fit_at(cfg, family, realize, w, relative)
             if T is None:
                 continue
-            eq = family.equations(w)
-            ppl = evaluator.perplexity(realize(T, eq.A, eq.B))
+            ppl = evaluator.perplexity(T)
             if ppl < best["perplexity"]:
                 best = {"perplexity": ppl, "first_token_weight": w, "alpha_relative": relative}
         scored.append({"block": [start, start + n], "distance": distances[start], **best})
