@@ -28,9 +28,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
-# Queries per block of the whole-sequence einsum path: 64 was the fastest of 32/64/128/256 on XLA:CPU at
-# S 256-2048 and head_dim 64 or 256; at most MAX_QUERY_BLOCKS blocks, so that the unrolled program stays
-# small for long sequences.
+# Queries per block of the whole-sequence einsum path: 64 was the fastest on XLA:CPU of 32/64/128 at S 512
+# (head_dim 64 and 256) and of 64/128/256 at S 2048; at most MAX_QUERY_BLOCKS blocks, so that the unrolled
+# program stays small for long sequences.
 QUERY_BLOCK = 64
 MAX_QUERY_BLOCKS = 32
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
