@@ -242,8 +242,12 @@ def test_auto_checkpointing_spends_at_most_5_percent_of_a_pass_saving(monkeypatc
 def _interrupt_when(argv, marker: str, tmp_path, timeout=240):
     """Start the CLI, send SIGINT once ``marker`` shows on stderr, return (rc, seconds to exit, stderr)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    # A runner started with `&` in a shell without job control (CI harnesses, nohup scripts) passes
+    # SIGINT on as ignored, and Python then installs no KeyboardInterrupt handler: give the child the
+    # default disposition, as a terminal's foreground job has.
     proc = subprocess.Popen([sys.executable, "-m", "replaceme_jax.cli", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     deadline = time.monotonic() + timeout
     try:
