@@ -44,6 +44,15 @@ VARIANTS = {
                             "of the 4 lowest-distance blocks, the one whose map scores best on held-out documents"),
     "lstsq_kl_lr5e-4": (dict(method="lstsq", refine="kl", refine_steps=60, refine_lr=5e-4),
                         "defaults, then 60 Adam steps of rate 5e-4 (2.5x lstsq_kl's) on T against KL"),
+    "lstsq_kl_lr1e-3": (dict(method="lstsq", refine="kl", refine_steps=60, refine_lr=1e-3),
+                        "defaults, then 60 Adam steps of rate 1e-3 on T against KL"),
+    "lstsq_self_calibration": (dict(method="lstsq", dataset="self"),
+                               "defaults, calibrated on 256 x 512 tokens the model itself generated"),
+    "uidl_self_calibration": (dict(method="uidl", dataset="self"), "drop the block that self-generated text chooses"),
+    "lstsq_mix_calibration": (dict(method="lstsq", dataset=[
+        dict(dataset=str(DATA / "calibration" / "c4_sample.jsonl"), ratio=1),
+        dict(dataset=str(DATA / "calibration" / "wikitext2_train_excerpt.txt"), ratio=1),
+        dict(dataset="self", ratio=1)]), "defaults, calibrated on a third each of C4, WikiText-2 train and self-generated text"),
     "lstsq_wikitext_calibration": (dict(method="lstsq", dataset=str(DATA / "calibration" / "wikitext2_train_excerpt.txt")),
                                    "defaults, calibrated on 256 WikiText-2 train paragraphs instead of C4"),
     "uidl_wikitext_calibration": (dict(method="uidl", dataset=str(DATA / "calibration" / "wikitext2_train_excerpt.txt")),
@@ -58,14 +67,16 @@ VARIANTS = {
 TASKS = ("wikitext2", "lambada_openai", "arc_easy", "piqa", "hellaswag", "winogrande")
 
 
-def evaluate_params(params, config, tokenizer, tasks, limit, windows, batch_size):
+def evaluate_params(params, config, tokenizer, tasks, limit, windows, batch_size, reference=None, damage_tasks=()):
+    """Every task's metrics; on ``damage_tasks`` also KL(original || model) and top-1 agreement."""
     from replaceme_jax.evaluation import load_task, run_task
 
     results = {}
     for name in tasks:
         task = load_task(name, DATA / "eval", windows if name == "wikitext2" else limit)
         start = time.perf_counter()
-        result = run_task(params, config, tokenizer, task, max_length=1024, batch_size=batch_size)
+        result = run_task(params, config, tokenizer, task, max_length=1024, batch_size=batch_size,
+                          reference=reference if name in damage_tasks else None)
         results[name] = dict(result.metrics, seconds=round(time.perf_counter() - start, 1))
         logging.info("%s: %s", name, results[name])
     return results
@@ -77,6 +88,8 @@ def main():
     parser.add_argument("--limit", type=int, default=500, help="items per multiple-choice task")
     parser.add_argument("--windows", type=int, default=40, help="WikiText-2 windows of 1024 tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    parser.add_argument("--damage-tasks", default="wikitext2,lambada_openai",
+                        help="tasks on which each variant is also compared with the original (KL, top-1 agreement)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "replaceme_smollm2.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -90,6 +103,13 @@ def main():
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(out_path.read_text()) if out_path.exists() else {}
+    damage_tasks = tuple(t for t in args.damage_tasks.split(",") if t)
+    reference = None
+    if damage_tasks and any(name != "original" for name in names):
+        from replaceme_jax.evaluation import Reference
+
+        original = load_model(BASE["model_path"])
+        reference = Reference(original.params, original.config)
     for name in names:
         start = time.perf_counter()
         if name == "original":
@@ -108,7 +128,7 @@ def main():
                      "peak_rss_mb_after_stage": report["peak_rss_mb_after_stage"],
                      "calibration_tokens": report["calibration_tokens"]}
         entry["results"] = evaluate_params(params, config, load_tokenizer(model), TASKS, args.limit, args.windows,
-                                           args.batch_size)
+                                           args.batch_size, reference if name != "original" else None, damage_tasks)
         entry["total_seconds"] = round(time.perf_counter() - start, 1)
         table[name] = entry
         out_path.write_text(json.dumps(table, indent=2, default=str))
