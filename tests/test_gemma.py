@@ -270,9 +270,17 @@ def test_real_gemma3_270m_gguf_matches_transformers(tmp_path):
     mask = np.zeros((3, 600), np.int32)
     for row, seq in enumerate([long, long[:350], prompt]):
         ids[row, :len(seq)], mask[row, :len(seq)] = seq, 1
-    valid = mask.astype(bool)
-    ours = ours_logits(model, ids, mask)
-    theirs = torch_logits(reference, ids, mask)
+    # Full logits would be 3 x 600 x 262,144 floats (1.9 GB) per framework, several times over inside
+    # torch (14 GB peak, enough to take CI's memory with the other worker): compare at every 5th position
+    # and around the window edge, from the same padded batch.
+    keep = np.unique(np.concatenate([np.arange(0, 600, 5), np.arange(505, 520), [349, 350, 599]]))
+    valid = mask[:, keep].astype(bool)
+    with jax.default_matmul_precision("highest"):
+        h_last = gemma.forward(model.params, c, ids, mask, collect_layers=True, compute_logits=False).hidden_states[-1]
+        ours = np.asarray(gemma.lm_head(model.params, c, gemma.final_norm(model.params, c, h_last[:, keep])))
+    with torch.no_grad():
+        theirs = reference(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                           logits_to_keep=torch.tensor(keep)).logits.float().numpy()
     # 18 float32 layers, logits up to ~60: the two frameworks' summation orders differ by ~3e-6 relative
     # (2e-4 absolute on the longest rows was the most observed); 1e-5 relative to the largest logit.
     scale = np.abs(theirs[valid]).max()
