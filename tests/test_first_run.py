@@ -243,11 +243,12 @@ def _interrupt_when(argv, marker: str, tmp_path, timeout=240):
     """Start the CLI, send SIGINT once ``marker`` shows on stderr, return (rc, seconds to exit, stderr)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     # A runner started with `&` in a shell without job control (CI harnesses, nohup scripts) passes
-    # SIGINT on as ignored, and Python then installs no KeyboardInterrupt handler: give the child the
-    # default disposition, as a terminal's foreground job has.
-    proc = subprocess.Popen([sys.executable, "-m", "replaceme_jax.cli", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIGINT on as ignored, and Python then installs no KeyboardInterrupt handler: the child installs
+    # it itself, as Python does for a terminal's foreground job (no preexec_fn: not fork-safe with threads).
+    launch = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "runpy.run_module('replaceme_jax.cli', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", launch, *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     deadline = time.monotonic() + timeout
     try:
