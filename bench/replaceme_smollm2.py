@@ -22,7 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
-BASE = dict(model_path="smollm2-135m", dataset=str(DATA / "calibration" / "c4_sample.jsonl"), dataset_column="text",
+C4 = str(DATA / "calibration" / "c4_sample.jsonl")
+WIKITEXT_TRAIN = str(DATA / "calibration" / "wikitext2_train_excerpt.txt")
+BASE = dict(model_path="smollm2-135m", dataset=C4, dataset_column="text",
             dataset_size=256, batch_size=8, max_length=512, layers_to_skip=8, num_A=1, save_path=None)
 REFERENCE_ROWS = dict(include_pad_rows=True, first_token_rows="include", bucket="longest", sort_by_length=False)
 
@@ -49,13 +51,12 @@ VARIANTS = {
     "lstsq_self_calibration": (dict(method="lstsq", dataset="self"),
                                "defaults, calibrated on 256 x 512 tokens the model itself generated"),
     "uidl_self_calibration": (dict(method="uidl", dataset="self"), "drop the block that self-generated text chooses"),
-    "lstsq_mix_calibration": (dict(method="lstsq", dataset=[
-        dict(dataset=str(DATA / "calibration" / "c4_sample.jsonl"), ratio=1),
-        dict(dataset=str(DATA / "calibration" / "wikitext2_train_excerpt.txt"), ratio=1),
-        dict(dataset="self", ratio=1)]), "defaults, calibrated on a third each of C4, WikiText-2 train and self-generated text"),
-    "lstsq_wikitext_calibration": (dict(method="lstsq", dataset=str(DATA / "calibration" / "wikitext2_train_excerpt.txt")),
+    "lstsq_mix_calibration": (
+        dict(method="lstsq", dataset=[dict(dataset=source, ratio=1) for source in (C4, WIKITEXT_TRAIN, "self")]),
+        "defaults, calibrated on a third each of C4, WikiText-2 train and self-generated text"),
+    "lstsq_wikitext_calibration": (dict(method="lstsq", dataset=WIKITEXT_TRAIN),
                                    "defaults, calibrated on 256 WikiText-2 train paragraphs instead of C4"),
-    "uidl_wikitext_calibration": (dict(method="uidl", dataset=str(DATA / "calibration" / "wikitext2_train_excerpt.txt")),
+    "uidl_wikitext_calibration": (dict(method="uidl", dataset=WIKITEXT_TRAIN),
                                   "drop the block that WikiText-2 train paragraphs choose"),
     "lstsq_2x4": (dict(method="lstsq", layers_to_skip=4, num_A=2), "two blocks of 4 layers, one map each (multi-LT)"),
     "lstsq_2x4_kl": (dict(method="lstsq", layers_to_skip=4, num_A=2, refine="kl", refine_steps=60, refine_lr=2e-4),
@@ -104,7 +105,7 @@ def main():
     out_path.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(out_path.read_text()) if out_path.exists() else {}
     damage_tasks = tuple(t for t in args.damage_tasks.split(",") if t)
-    reference = None
+    original = reference = None
     if damage_tasks and any(name != "original" for name in names):
         from replaceme_jax.evaluation import Reference
 
@@ -113,7 +114,7 @@ def main():
     for name in names:
         start = time.perf_counter()
         if name == "original":
-            model = load_model(BASE["model_path"])
+            model = original if original is not None else load_model(BASE["model_path"])
             params, config, entry = model.params, model.config, {"layers": model.config.num_hidden_layers}
         else:
             overrides, note = VARIANTS[name]
