@@ -83,18 +83,28 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, q_position
     q = q.reshape(b, s, hkv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, groups * s, hd)
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     scores = softcap(scores, logit_softcap).reshape(b, hkv, groups, s, t)
-    qpos = q_positions[:, :, None]
-    kpos = k_positions[:, None, :]
-    allowed = kpos <= qpos  # in a cache this also hides the slots not written yet
-    if key_valid is not None:
-        allowed &= key_valid[:, None, :]
-    if window is not None:
-        allowed &= (qpos - kpos) < window
-    # A finite floor keeps fully masked rows (left padding, empty filler rows) finite instead of NaN.
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    # in a cache, k_pos <= q_pos also hides the slots not written yet
+    scores = _hide(scores, _visible(q_positions[:, :, None], k_positions[:, None, :], key_valid, window))
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, hkv, groups * s, t)
     out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).reshape(b, hkv, groups, s, hd)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, hq * hd)
+
+
+def _visible(q_pos, k_pos, key_valid, window):
+    """``[B or 1, S, T]``: whether each query sees each key, from positions ``[.., S, 1]`` and ``[.., 1, T]``
+    (numpy or jax) and ``key_valid`` ``[B, T]``."""
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & ((q_pos - k_pos) < window)
+    if key_valid is not None:
+        allowed = jnp.asarray(allowed) & key_valid[:, None, :]
+    return allowed
+
+
+def _hide(scores, allowed):
+    """``scores`` ``[B, hkv, groups, S, T]`` with the keys ``allowed`` does not show set to a finite floor,
+    which keeps fully masked rows (left padding, empty filler rows) finite instead of NaN."""
+    return jnp.where(jnp.asarray(allowed)[:, None, None], scores, jnp.finfo(jnp.float32).min)
 
 
 def query_block_size(length: int, query_block: int | None = None) -> int:
@@ -115,19 +125,12 @@ def _causal_blocks(q, k, v, *, scale, key_valid, window, logit_softcap, query_bl
     for lo in range(0, s, block):
         hi = min(lo + block, s)
         k_lo = 0 if window is None else max(0, lo - window + 1)
-        q_pos = np.arange(lo, hi)[:, None]
-        k_pos = np.arange(k_lo, hi)[None, :]
-        allowed = k_pos <= q_pos
-        if window is not None:
-            allowed &= (q_pos - k_pos) < window
-        allowed = jnp.asarray(allowed)[None]
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, None, k_lo:hi]
+        # the positions are static here, so the causal/window part of the mask is a constant
+        allowed = _visible(np.arange(lo, hi)[None, :, None], np.arange(k_lo, hi)[None, None, :],
+                           None if key_valid is None else key_valid[:, k_lo:hi], window)
         scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, lo:hi], k[:, :, k_lo:hi],
                             preferred_element_type=jnp.float32) * scale
-        scores = softcap(scores, logit_softcap)
-        # A finite floor keeps fully masked rows (empty filler rows) finite instead of NaN.
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        scores = _hide(softcap(scores, logit_softcap), allowed)
         weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
         total = jnp.sum(weights, axis=-1, keepdims=True)
         out = jnp.einsum("bhgqk,bhkd->bhgqd", weights.astype(v.dtype), v[:, :, k_lo:hi],
