@@ -148,43 +148,25 @@ def config_from_hf(cfg: dict) -> GemmaConfig:
         raise UnsupportedModelError("use_bidirectional_attention is not supported")
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"mlp_bias is not supported for {model_type}")
-    (theta, rope_type, rope), (local_theta, local_type, local_rope) = _ropes_from_hf(cfg, model_type)
+    rope, (local_theta, local_type, local_rope) = _ropes_from_hf(cfg, model_type)
     n_layers = int(cfg["num_hidden_layers"])
-    n_heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    head_dim = int(cfg.get("head_dim") or hidden // n_heads)
     sliding_window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types")
     if layer_types is None:
         pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern")
                       or _DEFAULT_PATTERN[model_type])
         layer_types = [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(n_layers)]
-    bad = set(layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
-    if bad:
-        raise UnsupportedModelError(f"unsupported layer_types {sorted(bad)}")
-    if SLIDING_ATTENTION in layer_types and not sliding_window:
-        raise UnsupportedModelError("layer_types asks for sliding attention but sliding_window is not set")
+    llama.check_layer_types(layer_types, sliding_window)
     attention_bias = bool(cfg.get("attention_bias", False))
     return GemmaConfig(
+        **llama.shared_config_fields(cfg, rope, intermediate_size=int(cfg["intermediate_size"]),
+                                     tie_word_embeddings=True, max_position_embeddings=8192),
         model_type=model_type,
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=int(cfg.get("num_key_value_heads") or n_heads),
-        head_dim=head_dim,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_type=rope_type,
-        rope_params=tuple(sorted((k, float(v)) for k, v in rope.items())),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         qkv_bias=attention_bias,
         o_bias=attention_bias,
         qk_norm=model_type == "gemma3_text",
         sliding_window=int(sliding_window) if sliding_window else None,
         layer_types=tuple(layer_types),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
         # transformers' Gemma 3 attention never applies attn_logit_softcapping, whatever the config says
         attn_logit_softcapping=(_optional_float(cfg.get("attn_logit_softcapping", 50.0))

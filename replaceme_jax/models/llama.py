@@ -146,6 +146,39 @@ def _rope_from_hf(cfg: dict) -> tuple[float, str, dict]:
     return float(theta), rope_type, rope
 
 
+def check_layer_types(layer_types, sliding_window) -> None:
+    """Refuse attention kinds this code does not implement, and sliding layers without a window."""
+    bad = set(layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
+    if bad:
+        raise UnsupportedModelError(f"unsupported layer_types {sorted(bad)}")
+    if SLIDING_ATTENTION in layer_types and not sliding_window:
+        raise UnsupportedModelError("layer_types asks for sliding attention but sliding_window is not set")
+
+
+def shared_config_fields(cfg: dict, rope: tuple, *, intermediate_size: int, tie_word_embeddings: bool,
+                         max_position_embeddings: int) -> dict:
+    """The config fields every family reads from ``config.json`` the same way; ``rope`` is
+    ``_rope_from_hf``'s triple and the keyword arguments are the family's own value or default."""
+    theta, rope_type, rope_params = rope
+    n_heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    return dict(
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=n_heads,
+        num_key_value_heads=int(cfg.get("num_key_value_heads") or n_heads),
+        head_dim=int(cfg.get("head_dim") or hidden // n_heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_type=rope_type,
+        rope_params=tuple(sorted((k, float(v)) for k, v in rope_params.items())),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", tie_word_embeddings)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", max_position_embeddings)),
+    )
+
+
 def config_from_hf(cfg: dict) -> LlamaConfig:
     """Parse an HF ``config.json`` dict, refusing anything this implementation would get wrong."""
     model_type = cfg.get("model_type")
@@ -161,11 +194,8 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
         raise UnsupportedModelError(f"unsupported config field(s) for {model_type}: {', '.join(unknown)}")
     if cfg.get("mlp_only_layers"):
         raise UnsupportedModelError("mlp_only_layers is not supported")
-    theta, rope_type, rope = _rope_from_hf(cfg)
+    rope = _rope_from_hf(cfg)
     n_layers = int(cfg["num_hidden_layers"])
-    n_heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    head_dim = cfg.get("head_dim") or hidden // n_heads
 
     sliding_window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types")
@@ -186,34 +216,19 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
         if sliding_window is not None:
             raise UnsupportedModelError("sliding_window is not supported for llama")
         layer_types = layer_types or [FULL_ATTENTION] * n_layers
-    bad = set(layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
-    if bad:
-        raise UnsupportedModelError(f"unsupported layer_types {sorted(bad)}")
-    if SLIDING_ATTENTION in layer_types and not sliding_window:
-        raise UnsupportedModelError("layer_types asks for sliding attention but sliding_window is not set")
+    check_layer_types(layer_types, sliding_window)
 
     attention_bias = bool(cfg.get("attention_bias", False))
     return LlamaConfig(
+        **shared_config_fields(cfg, rope, intermediate_size=int(cfg["intermediate_size"]), tie_word_embeddings=False,
+                               max_position_embeddings=2048),
         model_type=model_type,
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=int(cfg.get("num_key_value_heads") or n_heads),
-        head_dim=int(head_dim),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_type=rope_type,
-        rope_params=tuple(sorted((k, float(v)) for k, v in rope.items())),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=True if model_type == "qwen2" else (attention_bias if model_type in ("llama", "qwen3") else False),
         o_bias=attention_bias if model_type in ("llama", "qwen3") else False,
         mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type == "llama" else False,
         qk_norm=model_type == "qwen3",
         sliding_window=int(sliding_window) if sliding_window is not None else None,
         layer_types=tuple(layer_types),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
     )
 
 

@@ -100,7 +100,7 @@ def config_from_hf(cfg: dict) -> MoeConfig:
     cfg = dict(cfg)
     if not cfg.get("rope_parameters") and not cfg.get("rope_scaling") and "rope_theta" not in cfg:
         cfg["rope_theta"] = _DEFAULT_THETA[model_type]
-    theta, rope_type, rope = llama._rope_from_hf(cfg)
+    rope = llama._rope_from_hf(cfg)
     n_layers = int(cfg["num_hidden_layers"])
     n_heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
@@ -120,8 +120,7 @@ def config_from_hf(cfg: dict) -> MoeConfig:
         raise UnsupportedModelError(f"sliding-window attention is not supported for {model_type}")
     elif model_type == "olmoe" and cfg.get("sliding_window") is not None:
         raise UnsupportedModelError("sliding_window is not supported for olmoe")
-    if set(layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}:
-        raise UnsupportedModelError(f"unsupported layer_types {sorted(set(layer_types))}")
+    llama.check_layer_types(layer_types, sliding_window)
     if model_type == "olmoe" and head_dim * n_heads != hidden:
         raise UnsupportedModelError("olmoe with head_dim * num_attention_heads != hidden_size is not supported")
 
@@ -136,25 +135,14 @@ def config_from_hf(cfg: dict) -> MoeConfig:
             raise UnsupportedModelError("qwen2_moe needs shared_expert_intermediate_size >= 1")
     qkv_bias = {"mixtral": False, "qwen2_moe": bool(cfg.get("qkv_bias", True))}.get(model_type, attention_bias)
     return MoeConfig(
+        **llama.shared_config_fields(cfg, rope, intermediate_size=expert_size, tie_word_embeddings=False,
+                                     max_position_embeddings=2048),
         model_type=model_type,
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=expert_size,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=int(cfg.get("num_key_value_heads") or n_heads),
-        head_dim=head_dim,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_type=rope_type,
-        rope_params=tuple(sorted((k, float(v)) for k, v in rope.items())),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         o_bias=attention_bias if model_type in ("qwen3_moe", "olmoe") else False,
         qk_norm=model_type == "qwen3_moe",
         sliding_window=int(sliding_window) if sliding_window else None,
         layer_types=tuple(layer_types),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         num_experts=num_experts,
         num_experts_per_tok=int(cfg.get("num_experts_per_tok") or _DEFAULT_TOP_K[model_type]),
         moe_intermediate_size=expert_size,
