@@ -158,6 +158,7 @@ class ReplaceMeSolver:
     cosine_epochs: int = 10
     cosine_batch_rows: int = 1024
     cosine_init: Literal["identity", "lstsq"] = "identity"
+    cosine_l1: float = 0.0  # adds cosine_l1 * sum|T_ij| to the cosine objective (the paper's cosine + L1: 1e-4)
     # refine: kl moves T by a few Adam steps towards the original model's next-token distribution
     # (KL through the layers after the block); kept only if held-out perplexity improves
     refine: Literal["none", "kl"] = "none"
@@ -185,6 +186,10 @@ class ReplaceMeSolver:
                                      f"give it a value")
         if self.cosine_lr <= 0:
             raise UsageError(f"config key 'cosine_lr' must be > 0 (got {self.cosine_lr})")
+        if not 0 <= self.cosine_l1 < float("inf"):
+            raise UsageError(f"config key 'cosine_l1' must be >= 0 (got {self.cosine_l1})")
+        if self.cosine_l1 and self.method != "cosine":
+            raise UsageError("config key 'cosine_l1' applies to method cosine only")
         if self.use_4bit:
             raise UsageError("config key 'use_4bit': 4-bit activation capture is not supported; use dtype: bfloat16")
         for name in ("two_vectors", "thri"):

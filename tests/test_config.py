@@ -139,3 +139,14 @@ def test_the_nested_example_in_the_readme_loads_like_its_flat_form():
     example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
     flat = {k: v for k, v in example.items() if k not in ("data", "solver")} | example["data"] | example["solver"]
     assert from_dict(CompressConfig, example) == from_dict(CompressConfig, flat)
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"method": "lstsq", "cosine_l1": 1e-4}, "config key 'cosine_l1' applies to method cosine only"),
+    ({"method": "cosine", "cosine_l1": -1.0}, "config key 'cosine_l1' must be >= 0 (got -1.0)"),
+])
+def test_cosine_l1_is_refused_where_it_would_be_ignored_or_meaningless(raw, message):
+    with pytest.raises(UsageError) as e:
+        from_dict(CompressConfig, {**BASE[CompressConfig], **raw})
+    assert message in str(e.value)
+    assert from_dict(CompressConfig, {**BASE[CompressConfig], "method": "cosine", "cosine_l1": 1e-4}).cosine_l1 == 1e-4

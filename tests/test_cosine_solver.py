@@ -45,3 +45,19 @@ def test_a_second_fit_of_the_same_shape_reuses_the_compiled_epoch_and_keeps_the_
     assert not np.array_equal(first.T, second.T)
     # T is donated to each epoch: the caller's T0 must not be the donated buffer
     np.testing.assert_array_equal(np.asarray(T0), np.eye(32) * 1.5)
+
+
+def test_cosine_l1_adds_the_penalty_on_T_and_trades_fit_for_a_smaller_l1_norm():
+    M, target = problem(seed=3)
+    T = np.eye(32, dtype=np.float32) + 0.1
+    plain = float(solvers.cosine_objective(T, M, target, None, False, "cosine"))
+    penalised = float(solvers.cosine_objective(T, M, target, None, False, "cosine", l1=1e-3))
+    np.testing.assert_allclose(penalised - plain, 1e-3 * np.abs(T).sum(), rtol=1e-5)
+
+    free = solvers.fit_cosine(M, target, lr=1e-2, epochs=4, batch_rows=512, seed=5)
+    sparse = solvers.fit_cosine(M, target, lr=1e-2, epochs=4, batch_rows=512, seed=5, l1=1e-3)
+    assert np.abs(sparse.T).sum() < 0.9 * np.abs(free.T).sum()
+    unpenalised_loss = float(solvers.cosine_objective(sparse.T.astype(np.float32), M, target, None, False, "cosine"))
+    assert unpenalised_loss > free.losses[-1]
+    # the reported losses are of the penalised objective
+    np.testing.assert_allclose(sparse.losses[-1], unpenalised_loss + 1e-3 * np.abs(sparse.T).sum(), rtol=1e-4)

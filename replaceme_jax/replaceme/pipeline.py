@@ -267,12 +267,12 @@ def _cosine_T(cfg: CompressConfig, model: LoadedModel, block: tuple[int, int], p
             bar.update(1)
         result = fit_cosine(data["M"], target, data["Y"], accurate=cfg.accurate, loss=cfg.loss, T0=T0,
                             lr=cfg.cosine_lr, epochs=cfg.cosine_epochs, batch_rows=cfg.cosine_batch_rows,
-                            seed=cfg.seed, progress=report, resume=resume,
+                            seed=cfg.seed, l1=cfg.cosine_l1, progress=report, resume=resume,
                             on_epoch=(lambda st: checkpoint.save(int(st["epochs_done"][0]), st, force=True))
                             if checkpoint is not None else None)
     return result.T, {"method": "cosine", "loss": cfg.loss, "accurate": cfg.accurate, "init": cfg.cosine_init,
                       "first_token_rows": policy, "rows_used": int(len(data["M"])), "rows_seen": int(data["seen"]),
-                      "losses": result.losses, "lr": cfg.cosine_lr, "epochs": cfg.cosine_epochs}
+                      "losses": result.losses, "lr": cfg.cosine_lr, "epochs": cfg.cosine_epochs, "l1": cfg.cosine_l1}
 
 
 def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, data: CalibrationData, timer, mesh,
