@@ -150,3 +150,13 @@ def test_cosine_l1_is_refused_where_it_would_be_ignored_or_meaningless(raw, mess
         from_dict(CompressConfig, {**BASE[CompressConfig], **raw})
     assert message in str(e.value)
     assert from_dict(CompressConfig, {**BASE[CompressConfig], "method": "cosine", "cosine_l1": 1e-4}).cosine_l1 == 1e-4
+
+
+def test_every_shipped_config_file_loads_into_its_command():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        command = ExpertsConfig if path.name.startswith("moe_") else CompressConfig
+        load_config(command, path, [])
