@@ -162,9 +162,11 @@ class ReplaceMeSolver:
     # refine: kl moves T by a few Adam steps towards the original model's next-token distribution
     # (KL through the layers after the block); kept only if held-out perplexity improves
     refine: Literal["none", "kl"] = "none"
-    refine_steps: int = 100
-    refine_lr: float = 1e-4
-    refine_tokens: int = 16384  # calibration tokens the refinement cycles over
+    # the best measured on SmolLM2 at n = 8 and 10 (BENCHMARKS.md, issue 16); a refined T that does not
+    # lower held-out perplexity is dropped, so a rate too high for another model costs time, not quality
+    refine_steps: int = 60
+    refine_lr: float = 1e-3
+    refine_tokens: int = 65536  # calibration tokens the refinement cycles over (at most what there is)
     refine_top_k: int = 64  # teacher tokens kept per position (the rest is one bucket)
 
     def validate_solver(self) -> None:
