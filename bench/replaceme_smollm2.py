@@ -42,6 +42,10 @@ VARIANTS = {
     "cosine": (dict(method="cosine"), "reference cosine settings (identity init, lr 1e-4, 10 epochs), our rows"),
     "cosine_l1": (dict(method="cosine", cosine_l1=1e-4),
                   "the paper's cosine + L1: reference cosine settings plus 1e-4 * sum|T_ij| (its Table 5)"),
+    # the two rows above fall back to dropping the block when T loses on held-out data; these keep T
+    "cosine_keep": (dict(method="cosine", fallback="none"), "cosine, T written even if it loses on held-out data"),
+    "cosine_l1_keep": (dict(method="cosine", cosine_l1=1e-4, fallback="none"),
+                       "cosine + L1, T written even if it loses on held-out data"),
     "cosine_accurate_lstsq_init": (dict(method="cosine", accurate=True, cosine_init="lstsq"),
                                    "accurate objective, lstsq init, our rows"),
     "lstsq_block_heldout": (dict(method="lstsq", block_choice="heldout"),
