@@ -406,3 +406,22 @@ def test_compress_writes_a_plain_gemma_whose_logits_are_the_validated_model(tmp_
     if block.T is not None:  # the T fitted and validated is already a map the norm can carry
         layer = original.params["layers"][start - 1]
         assert gemma.decompose_output_map(layer, original.config, block.T) is not None
+
+
+def test_refine_on_gemma_writes_a_map_the_norm_can_carry(tmp_path):
+    """refine: kl moves T freely; on Gemma the refined T is replaced by the foldable map nearest to it
+    (before held-out validation, when there is one), so the T kept is the one written: the unconstrained
+    one would be folded inexactly. No held-out split here, so the refined T is always kept."""
+    from replaceme_jax.replaceme.pipeline import compress
+    from tests.test_replaceme import run_config
+
+    model_type, overrides = GEMMA_CONFIGS["gemma3_text"]
+    make_model(tmp_path / "m", model_type, **dict(overrides, num_hidden_layers=6, layer_types=None))
+    result = compress(run_config(tmp_path, tmp_path / "m", first_token_rows="exclude", alpha=0.1,
+                                 validation_fraction=0.0, refine="kl", refine_steps=4))
+    (start, _), = result.report["blocks"]
+    block = result.blocks[0]
+    refine = block.solver["refine"]
+    assert refine["projected_to_foldable"] and refine["kept"], refine
+    original = load_model(tmp_path / "m")
+    assert gemma.decompose_output_map(original.params["layers"][start - 1], original.config, block.T) is not None

@@ -106,8 +106,9 @@ RELATIVE_ALPHAS = (0.0, 1e-2, 1e-1, 1.0, 10.0)
 SEARCH_STARTS = ((0.0, 1e-1), (1e-3, 1.0))
 
 
-# (T, A, B) -> the map the merge writes for T, nearest on the data of the normal equations A, B
-Realize = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# (T, A, B) -> the map the merge writes for T, nearest on the data of the normal equations A, B (or, with
+# A = B = None, nearest to T itself)
+Realize = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], np.ndarray]
 
 
 def _weight_grid(cfg: CompressConfig) -> tuple:
@@ -337,7 +338,8 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
         chosen = solver
     if cfg.refine == "kl":
         T, chosen = _refine(cfg, model, current if cfg.sequential else model,
-                            block_now if cfg.sequential else block, T, chosen, solver, data, evaluator, timer)
+                            block_now if cfg.sequential else block, T, chosen, solver, data, evaluator, timer,
+                            None if fold_family.FOLDS_ANY_OUTPUT_MAP else realize)
     if validation is not None:
         validation["candidates"] = [{k: v for k, v in r.items() if k != "T"} for r in tried]
         validation["perplexity_with_T"] = chosen["perplexity"]
@@ -364,8 +366,11 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
 
 
 def _refine(cfg: CompressConfig, original: LoadedModel, source: LoadedModel, block: tuple[int, int], T, chosen: dict,
-            solver: dict, data: CalibrationData, evaluator: HeldoutEvaluator | None, timer: StageTimer):
-    """``refine: kl`` from the chosen T; the refined T replaces it only if held-out perplexity drops."""
+            solver: dict, data: CalibrationData, evaluator: HeldoutEvaluator | None, timer: StageTimer,
+            realize: Realize | None = None):
+    """``refine: kl`` from the chosen T; the refined T replaces it only if held-out perplexity drops.
+    ``realize`` (families whose fold cannot carry every map, as Gemma's post-MLP norm): the refined T is
+    first replaced by the foldable map nearest to it, so what is validated and kept is what is written."""
     budget, batches = 0, []
     for batch in data.batches:
         if batches and budget >= cfg.refine_tokens:
@@ -375,13 +380,17 @@ def _refine(cfg: CompressConfig, original: LoadedModel, source: LoadedModel, blo
     with timer("refine"):
         result = refine_kl(original.params, original.config, source.params, source.config, *block, T, batches,
                            steps=cfg.refine_steps, lr=cfg.refine_lr, top_k=cfg.refine_top_k)
+    refined = result.T
+    if realize is not None:
+        with timer("solve", quiet=True):  # nearest to the refined map itself: the fit's data would undo it
+            refined = realize(refined, None, None)
     record = {"method": "kl", "steps": result.steps, "lr": cfg.refine_lr, "tokens": result.tokens,
               "top_k": cfg.refine_top_k, "seconds": round(result.seconds, 2), "kl_first": result.losses[0],
-              "kl_last": result.losses[-1]}
+              "kl_last": result.losses[-1], "projected_to_foldable": realize is not None}
     kept = True
     if evaluator is not None:
         with timer("validation"):
-            after = evaluator.perplexity(result.T)
+            after = evaluator.perplexity(refined)
         before = chosen.get("perplexity", float("inf"))
         record.update(perplexity_before=before, perplexity_after=after)
         kept = after < before
@@ -393,7 +402,7 @@ def _refine(cfg: CompressConfig, original: LoadedModel, source: LoadedModel, blo
              f" ({'kept' if kept else 'not kept'})" if evaluator is not None else "")
     if not kept:
         return T, chosen
-    return result.T, {**chosen, "perplexity": record.get("perplexity_after", chosen.get("perplexity"))}
+    return refined, {**chosen, "perplexity": record.get("perplexity_after", chosen.get("perplexity"))}
 
 
 def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = False, *,
