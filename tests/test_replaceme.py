@@ -304,6 +304,9 @@ def test_block_choice_heldout_takes_the_candidate_whose_map_scores_best(tmp_path
                   and c["alpha_relative"] == best["alpha_relative"]]
     assert same_start and same_start[0] == pytest.approx(best["perplexity"], rel=1e-5)
     assert result.blocks[0].validation["perplexity_with_T"] <= best["perplexity"] * (1 + 1e-6)
+    # the choice scored the whole ridge line through the first search start, not the starts alone
+    ridge_line = [c["perplexity"] for c in searched if c["first_token_weight"] == 0.0 and "perplexity" in c]
+    assert len(ridge_line) == 5 and best["perplexity"] <= min(ridge_line) * (1 + 1e-6)
 
 
 @pytest.mark.parametrize("overrides,message", [
