@@ -166,6 +166,15 @@ def _fit_at(cfg: CompressConfig, family: LstsqFamily, realize: Realize, w,
     return T, alpha, info
 
 
+def _searched_alphas(cfg: CompressConfig, exact_fold: bool) -> tuple:
+    """The relative ridges a block's search tries (None: the configured alpha). Where the fold is not
+    exact, the ridge only moves the start of the realizable fit, which costs a Riemannian descent per
+    candidate: the first start's ridge alone there."""
+    if cfg.alpha != "auto":
+        return (None,)
+    return RELATIVE_ALPHAS if exact_fold else (SEARCH_STARTS[0][1],)
+
+
 def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[NormalEquations, NormalEquations] | None,
                   evaluator: HeldoutEvaluator | None, timer: StageTimer, realize: Realize,
                   exact_fold: bool = True) -> tuple[dict, list[dict]]:
@@ -173,10 +182,7 @@ def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[Norma
     alpha grids); without validation, the one configured point. Each candidate is the map the merge
     will write (``realize``, fitted to the same normal equations)."""
     weights = _weight_grid(cfg)
-    # Where the fold is not exact, the ridge only moves the start of the realizable fit, which costs a
-    # Riemannian descent per candidate: search w alone there.
-    alphas = RELATIVE_ALPHAS if cfg.alpha == "auto" and exact_fold else \
-        (SEARCH_STARTS[0][1],) if cfg.alpha == "auto" else (None,)
+    alphas = _searched_alphas(cfg, exact_fold)
     records: dict[tuple[int, int], dict] = {}
 
     def candidate(i, j) -> float:
@@ -215,15 +221,14 @@ def _choose_block_on_heldout(cfg: CompressConfig, model: LoadedModel, pass1, dis
     hidden state, not how well one linear map can stand in for it."""
     ranked = sorted(distances, key=lambda s: (distances[s], s))[:cfg.block_candidates]
     weights = _weight_grid(cfg)
-    # Each search start, and the whole ridge line through the first: the best ridge differs from block to
-    # block far more than the first-position weight moves perplexity (SmolLM2, n = 8: (12, 20) scores
-    # 94.2 at the starts' ridge 0.1 and 83.5 without one, against 87.9 for (11, 19) at its best). Where the
-    # fold is not exact the block's own search does not move the ridge either (see _search_lstsq).
-    starts_and_ridges = set(SEARCH_STARTS)
-    if model.family.FOLDS_ANY_OUTPUT_MAP:
-        starts_and_ridges |= {(SEARCH_STARTS[0][0], a) for a in RELATIVE_ALPHAS}
+    # Each search start, and every ridge the block's own search tries, at the first start's weight: the
+    # best ridge differs from block to block far more than the first-position weight moves perplexity
+    # (SmolLM2, n = 8: (12, 20) scores 94.2 at the starts' ridge 0.1 and 83.5 without one, against 87.9
+    # for (11, 19) at its best).
+    first_weight = SEARCH_STARTS[0][0] if cfg.first_token_rows == "auto" else weights[0]
     points = {(w if cfg.first_token_rows == "auto" else weights[0], a if cfg.alpha == "auto" else None)
-              for w, a in starts_and_ridges}
+              for w, a in SEARCH_STARTS}
+    points |= {(first_weight, a) for a in _searched_alphas(cfg, model.family.FOLDS_ANY_OUTPUT_MAP)}
     scored = []
     for start in ranked:
         index = starts.index(start)
