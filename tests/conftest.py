@@ -7,18 +7,27 @@ import tempfile
 # Tests run on CPU; keep XLA from grabbing all cores' threads for tiny shapes.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# Many tests (and the CLI subprocesses they start) compile the same tiny-model programs again; one
-# compilation cache for the whole run cuts the suite's CPU time by about a fifth (tests/test_resume.py:
-# 187 s -> 149 s user time). The cache starts empty, so every program is still compiled in this run.
-# The controller sets it before the xdist workers start and they inherit it; subprocesses inherit it
-# through the environment. A size limit turns on JAX's file lock, so processes do not read half-written
-# entries. A caller's own JAX_COMPILATION_CACHE_DIR is left alone.
+# The CLI subprocesses many tests start each compile the same tiny-model programs from scratch; one
+# compilation cache shared by them cuts that (tests/test_resume.py, -n 2: 87 s -> 72 s). The cache
+# starts empty, so every program is still compiled once in this run. The controller creates it before
+# the xdist workers start; they and their subprocesses inherit it through the environment. The size
+# limit turns on JAX's file lock, so no process reads a half-written entry. The test processes
+# themselves do not write to it: their own jit caches already hold what they compiled, and when they
+# wrote every tiny program too the cache grew to ~5,000 entries, each write serialised a program and
+# JAX rescans every entry under the lock on each write: the whole suite (-n 2, quiet 2-core machine)
+# took 1,694 s with them and 670 s without (201 entries). A caller's own JAX_COMPILATION_CACHE_DIR
+# is left alone.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="replaceme_jax_test_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["REPLACEME_JAX_TEST_CACHE_DIR"] = _cache  # tells the xdist workers the cache is the run's
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
     _owner = os.getpid()
     atexit.register(lambda: os.getpid() == _owner and shutil.rmtree(_cache, ignore_errors=True))
+if os.environ.get("REPLACEME_JAX_TEST_CACHE_DIR") == os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
 
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
