@@ -60,11 +60,9 @@ VARIANTS = {
                                      refine_tokens=65536), "n = 10: lstsq_kl_lr1e-3_65k's refinement"),
     "lstsq_kl_120": (dict(method="lstsq", refine="kl", refine_steps=120),
                      "the refinement defaults (rate 1e-3, 64k tokens) for 120 steps instead of 60"),
-    "lstsq_block_heldout_n10": (dict(method="lstsq", layers_to_skip=10, block_choice="heldout"),
-                                "n = 10: of the 4 lowest-distance blocks, the one whose map scores best on held-out"),
     **{f"lstsq_block_heldout_n{n}": (dict(method="lstsq", layers_to_skip=n, block_choice="heldout"),
                                      f"n = {n}: of the 4 lowest-distance blocks, the one whose map scores best on held-out")
-       for n in (4, 6)},
+       for n in (4, 6, 10)},
     "lstsq_min12": (dict(method="lstsq", min_distance_layer=12),
                     "defaults, blocks starting at layer 12 or later (keeps layers 11 and 12 that (11, 19) removes)"),
     "lstsq_min12_kl": (dict(method="lstsq", min_distance_layer=12, refine="kl"),
