@@ -77,6 +77,9 @@ VARIANTS = {
                                    "defaults, calibrated on 256 WikiText-2 train paragraphs instead of C4"),
     "uidl_wikitext_calibration": (dict(method="uidl", dataset=WIKITEXT_TRAIN),
                                   "drop the block that WikiText-2 train paragraphs choose"),
+    "lstsq_wikitext_calibration_block_heldout": (
+        dict(method="lstsq", dataset=WIKITEXT_TRAIN, block_choice="heldout"),
+        "WikiText-2 train calibration: of the 4 lowest-distance blocks, the one whose map scores best on held-out"),
     "lstsq_2x4": (dict(method="lstsq", layers_to_skip=4, num_A=2), "two blocks of 4 layers, one map each (multi-LT)"),
     "lstsq_2x4_kl": (dict(method="lstsq", layers_to_skip=4, num_A=2, refine="kl", refine_steps=60, refine_lr=2e-4),
                      "two blocks of 4 layers, each map refined by 60 KL steps"),
