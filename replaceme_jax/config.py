@@ -126,9 +126,14 @@ class ReplaceMeSolver:
     accurate: bool = False
     min_distance_layer: int | None = None  # smallest block start considered (the reference ignores it; we honour it)
     # distance: the block of lowest angular distance (the paper); heldout: of the block_candidates lowest,
-    # the one whose lstsq map gives the lowest held-out perplexity (one block, num_A: 1)
-    block_choice: Literal["distance", "heldout"] = "distance"
+    # the one whose lstsq map gives the lowest held-out perplexity (one block, num_A: 1); auto: heldout
+    # where it can score (lstsq, num_A 1, statistics in one pass, at least block_choice_min_tokens
+    # held-out tokens), else distance
+    block_choice: Literal["auto", "distance", "heldout"] = "auto"
     block_candidates: int = 4
+    # below this the choice costs more than the run (11 scored maps a candidate) for a ranking on
+    # a few documents (BENCHMARKS.md, issue 16)
+    block_choice_min_tokens: int = 4096
     use_4bit: bool = False  # reference option (bitsandbytes on CUDA); not supported here
     solver: Literal["adam"] = "adam"
     two_vectors: bool = False  # reference option; not supported
@@ -170,7 +175,8 @@ class ReplaceMeSolver:
     refine_top_k: int = 64  # teacher tokens kept per position (the rest is one bucket)
 
     def validate_solver(self) -> None:
-        _at_least_one(self, ("layers_to_skip", "num_A", "block_candidates", "cosine_epochs", "cosine_batch_rows", "cosine_max_tokens",
+        _at_least_one(self, ("layers_to_skip", "num_A", "block_candidates", "block_choice_min_tokens", "cosine_epochs",
+                             "cosine_batch_rows", "cosine_max_tokens",
                              "refine_steps", "refine_tokens", "refine_top_k"))
         if self.alpha != "auto" and self.alpha < 0:
             raise UsageError(f"config key 'alpha' must be >= 0 or auto (got {self.alpha})")

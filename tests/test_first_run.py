@@ -93,8 +93,8 @@ def test_a_T_worse_than_dropping_falls_back_to_uidl_with_one_warning(tmp_path, m
     (tmp_path / "u").mkdir()
     uidl = compress(run_config(tmp_path / "u", model_dir, method="uidl", save_path=str(tmp_path / "uidl")))
     _sabotage_solver(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="replaceme_jax"):
-        result = compress(run_config(tmp_path, model_dir))
+    with caplog.at_level(logging.WARNING, logger="replaceme_jax"):  # on the block UIDL drops
+        result = compress(run_config(tmp_path, model_dir, block_choice="distance"))
     warnings = [r for r in caplog.records if "does not beat dropping" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
     validation = result.report["block_results"][0]["validation"]
@@ -111,7 +111,7 @@ def test_a_T_worse_than_dropping_falls_back_to_uidl_with_one_warning(tmp_path, m
 def test_fallback_none_keeps_the_worse_T_but_still_warns(tmp_path, model_dir, monkeypatch, caplog):
     _sabotage_solver(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="replaceme_jax"):
-        result = compress(run_config(tmp_path, model_dir, fallback="none"))
+        result = compress(run_config(tmp_path, model_dir, fallback="none", block_choice="distance"))
     assert any("does not beat dropping" in r.getMessage() for r in caplog.records)
     block = result.report["block_results"][0]
     assert block["validation"]["fallback"] is False and block["relative_error_with_T"] is not None

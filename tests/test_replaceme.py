@@ -57,7 +57,8 @@ def test_identity_block_is_selected_and_removed_exactly(tmp_path):
     make_model(tmp_path / "m", "llama", num_hidden_layers=7)
     zero_layers(tmp_path / "m", [3, 4])
     original = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
-    result = compress(run_config(tmp_path, tmp_path / "m"))
+    # the distance alone: on a random model another block's map can score as well on held-out text
+    result = compress(run_config(tmp_path, tmp_path / "m", block_choice="distance"))
     assert result.report["blocks"] == [[3, 5]]
     assert result.distances[3] == pytest.approx(0.0, abs=1e-3)
     assert min(d for s, d in result.distances.items() if s != 3) > 0.05
@@ -297,7 +298,7 @@ def test_block_choice_heldout_takes_the_candidate_whose_map_scores_best(tmp_path
     choice = result.report["block_choice"]
     ranked = sorted(result.distances, key=lambda s: (result.distances[s], s))[:3]
     assert choice["method"] == "heldout" and [c["block"][0] for c in choice["candidates"]] == ranked
-    best = min(choice["candidates"], key=lambda c: c["perplexity"])
+    best = min(choice["candidates"], key=lambda c: c["score"])
     assert choice["chosen"] == best["block"] and result.report["blocks"] == [best["block"]]
     searched = result.blocks[0].validation["candidates"]
     same_start = [c["perplexity"] for c in searched if c["first_token_weight"] == best["first_token_weight"]
@@ -307,6 +308,56 @@ def test_block_choice_heldout_takes_the_candidate_whose_map_scores_best(tmp_path
     # the choice scored the whole ridge line through the first search start, not the starts alone
     ridge_line = [c["perplexity"] for c in searched if c["first_token_weight"] == 0.0 and "perplexity" in c]
     assert len(ridge_line) == 5 and best["perplexity"] <= min(ridge_line) * (1 + 1e-6)
+
+
+def test_block_choice_auto_scores_on_heldout_and_never_scores_a_map_twice(tmp_path, monkeypatch):
+    """The default ``block_choice: auto`` is ``heldout`` where it can score. The distance's own block
+    gets its whole search, so the chosen block is never worse on the held-out documents than the
+    paper's; the chosen block's search takes the perplexities the choice measured."""
+    from replaceme_jax.replaceme import validation
+
+    calls = []
+    original = validation.HeldoutEvaluator.perplexity
+    monkeypatch.setattr(validation.HeldoutEvaluator, "perplexity", lambda self, T: calls.append(
+        (id(self.cached), None if T is None else np.asarray(T).tobytes())) or original(self, T))
+    make_model(tmp_path / "m", "llama", num_hidden_layers=8)
+    result = compress(run_config(tmp_path, tmp_path / "m", block_candidates=3, block_choice_min_tokens=1,
+                                 save_path=None))
+    choice = result.report["block_choice"]
+    assert choice["method"] == "heldout" and choice["requested"] == "auto" and len(choice["candidates"]) == 3
+    assert len(calls) == len(set(calls))  # no map (nor the dropped block) scored twice on the same documents
+    distance_block, *others = choice["candidates"]
+    assert distance_block["searched"] and not any(c["searched"] for c in others)
+    for candidate in choice["candidates"]:
+        assert candidate["score"] == min(candidate["perplexity"], candidate["perplexity_without_T"])
+    chosen = min(choice["candidates"], key=lambda c: c["score"])
+    assert result.report["blocks"] == [chosen["block"]] and chosen["score"] <= distance_block["score"]
+    validation_record = result.blocks[0].validation
+    assert validation_record["perplexity_without_T"] == chosen["perplexity_without_T"]
+    assert min(validation_record["perplexity_with_T"], validation_record["perplexity_without_T"]) \
+        <= distance_block["score"] * (1 + 1e-9)
+
+
+def test_block_choice_auto_keeps_the_distance_on_few_heldout_tokens(tmp_path):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=6)
+    result = compress(run_config(tmp_path, tmp_path / "m", save_path=None))  # ~300 held-out tokens
+    choice = result.report["block_choice"]
+    assert choice["method"] == "distance" and "fewer than block_choice_min_tokens (4096)" in choice["auto"]
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (dict(num_A=2), "num_A 2"),
+    (dict(method="uidl"), "method uidl"),
+    (dict(validation_fraction=0.0, alpha=0.0, first_token_rows="exclude"), "no held-out documents"),
+    (dict(one_pass_max_bytes=1), "one_pass_max_bytes"),
+])
+def test_block_choice_auto_takes_the_distance_where_heldout_cannot_score(tmp_path, overrides, reason):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=6)
+    result = compress(run_config(tmp_path, tmp_path / "m", save_path=None, block_choice_min_tokens=1, **overrides))
+    choice = result.report["block_choice"]
+    assert choice["method"] == "distance" and choice["requested"] == "auto" and reason in choice["auto"]
+    lowest = min(result.distances, key=lambda s: (result.distances[s], s))
+    assert any(start <= lowest < end for start, end in result.report["blocks"])
 
 
 @pytest.mark.parametrize("overrides,message", [

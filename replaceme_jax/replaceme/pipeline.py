@@ -177,10 +177,12 @@ def _searched_alphas(cfg: CompressConfig, exact_fold: bool) -> tuple:
 
 def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[NormalEquations, NormalEquations] | None,
                   evaluator: HeldoutEvaluator | None, timer: StageTimer, realize: Realize,
-                  exact_fold: bool = True) -> tuple[dict, list[dict]]:
+                  exact_fold: bool = True, scored: dict | None = None) -> tuple[dict, list[dict]]:
     """The T of the family with the lowest held-out perplexity (a coordinate search over the w and
     alpha grids); without validation, the one configured point. Each candidate is the map the merge
-    will write (``realize``, fitted to the same normal equations)."""
+    will write (``realize``, fitted to the same normal equations). ``scored``: perplexities already
+    measured by the same evaluator, by (first-position weight, relative alpha)."""
+    scored = scored or {}
     weights = _weight_grid(cfg)
     alphas = _searched_alphas(cfg, exact_fold)
     records: dict[tuple[int, int], dict] = {}
@@ -194,8 +196,11 @@ def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[Norma
         if T is not None and heldout is not None:
             record.update(heldout_error_rest=heldout[0].relative_error(T), heldout_error_first=heldout[1].relative_error(T))
         if T is not None and evaluator is not None:
-            with timer("validation", quiet=True):
-                record["perplexity"] = evaluator.perplexity(T)
+            if (w, alphas[j]) in scored:  # the same map on the same documents: the same number
+                record["perplexity"] = scored[(w, alphas[j])]
+            else:
+                with timer("validation", quiet=True):
+                    record["perplexity"] = evaluator.perplexity(T)
             log.info("held-out search: fit %d (first-position weight %s, relative alpha %s): perplexity %.3f",
                      len(records) + 1, w, alphas[j] if alphas[j] is not None else alpha, record["perplexity"])
         records[(i, j)] = record
@@ -214,47 +219,99 @@ def _search_lstsq(cfg: CompressConfig, family: LstsqFamily, heldout: tuple[Norma
     return records[best], ordered
 
 
+@dataclasses.dataclass
+class ScoredBlock:
+    """What the block choice measured on the block it chose, for that block's own search to reuse."""
+
+    evaluator: HeldoutEvaluator
+    perplexities: dict  # (first-position weight, relative alpha) -> held-out perplexity
+    perplexity_without_T: float
+
+
+def _block_choice_method(cfg: CompressConfig, distances_only: bool, gather_all: bool,
+                         data: CalibrationData) -> tuple[str, str | None]:
+    """How this run chooses its block: ``heldout``, ``distance`` (with, for ``auto``, why not heldout), or
+    ``refused`` (heldout asked for and impossible)."""
+    if distances_only or cfg.block_choice == "distance":
+        return "distance", None
+    # config validation refuses an explicit heldout for the first two; auto falls back quietly
+    why = ("it scores lstsq maps (method " + cfg.method + ")" if cfg.method != "lstsq" else
+           "it chooses one block (num_A " + str(cfg.num_A) + ")" if cfg.num_A != 1 else
+           "no held-out documents (validation_fraction 0)" if data.validation_batches is None else
+           "every candidate's statistics would not fit in one_pass_max_bytes" if not gather_all else None)
+    if why is not None:
+        return ("refused", why) if cfg.block_choice == "heldout" else ("distance", why)
+    tokens = sum(int(np.asarray(batch.attention_mask).sum()) for batch in data.validation_batches)
+    if cfg.block_choice == "auto" and tokens < cfg.block_choice_min_tokens:
+        return "distance", (f"{tokens} held-out tokens, fewer than block_choice_min_tokens "
+                            f"({cfg.block_choice_min_tokens})")
+    return "heldout", None
+
+
 def _choose_block_on_heldout(cfg: CompressConfig, model: LoadedModel, pass1, distances: dict[int, float],
-                             starts: list[int], n: int, data: CalibrationData) -> tuple[list, dict]:
+                             starts: list[int], n: int, data: CalibrationData) -> tuple[list, dict, ScoredBlock]:
     """Of the ``block_candidates`` blocks of lowest angular distance, the one whose lstsq map (as the
     merge writes it) gives the lowest held-out perplexity. The distance says how far the block moves the
-    hidden state, not how well one linear map can stand in for it."""
+    hidden state, not how well one linear map can stand in for it.
+
+    The distance's own block gets its whole search (what ``distance`` would write), so another block is
+    taken only when one of its maps already scores better: the choice never writes a block that does worse
+    on the held-out documents than the paper's. Under ``fallback: uidl`` a block scores what would be
+    written: its best map, or the block dropped where that is better."""
     ranked = sorted(distances, key=lambda s: (distances[s], s))[:cfg.block_candidates]
     weights = _weight_grid(cfg)
-    # Each search start, and every ridge the block's own search tries, at the first start's weight: the
-    # best ridge differs from block to block far more than the first-position weight moves perplexity
-    # (SmolLM2, n = 8: (12, 20) scores 94.2 at the starts' ridge 0.1 and 83.5 without one, against 87.9
-    # for (11, 19) at its best).
+    alphas = _searched_alphas(cfg, model.family.FOLDS_ANY_OUTPUT_MAP)
+    # The other candidates: both search starts, and every weight and every ridge through the first. The
+    # best ridge differs from block to block (SmolLM2, C4, n = 8: (12, 20) scores 94.2 at ridge 0.1 and 83.5
+    # without one), and so does the best first-position weight (self-generated text, n = 4: (12, 16)
+    # scores 264,384 at weight 0 and 8.8 with the first position included).
     first_weight = SEARCH_STARTS[0][0] if cfg.first_token_rows == "auto" else weights[0]
+    first_alpha = SEARCH_STARTS[0][1] if cfg.alpha == "auto" else None
     points = {(w if cfg.first_token_rows == "auto" else weights[0], a if cfg.alpha == "auto" else None)
               for w, a in SEARCH_STARTS}
-    points |= {(first_weight, a) for a in _searched_alphas(cfg, model.family.FOLDS_ANY_OUTPUT_MAP)}
-    scored = []
-    for start in ranked:
+    points |= {(first_weight, a) for a in alphas} | {(w, first_alpha) for w in weights}
+    scored, leader = [], None  # the best block so far keeps its evaluator (prefix states: tokens x hidden x 2)
+    for rank, start in enumerate(ranked):
         index = starts.index(start)
         family = LstsqFamily(cfg, pass1.sums["fit"]["rest"][index], pass1.sums["fit"]["first"][index])
         evaluator = HeldoutEvaluator(model.params, model.config, start, start + n, data.validation_batches)
         realize = functools.partial(model.family.realizable_output_map, model.params["layers"][start - 1],
                                     model.config)
+        perplexities = {}
+        if rank == 0:
+            _, tried = _search_lstsq(cfg, family, None, evaluator, StageTimer(), realize,
+                                     model.family.FOLDS_ANY_OUTPUT_MAP)
+            for record in tried:
+                if "perplexity" in record:
+                    perplexities[(record["first_token_weight"], record["alpha_relative"])] = record["perplexity"]
+        else:
+            for w, relative in sorted(points, key=str):
+                T, _, _ = _fit_at(cfg, family, realize, w, relative)
+                if T is not None:
+                    perplexities[(w, relative)] = evaluator.perplexity(T)
         best = {"perplexity": float("inf")}
-        for w, relative in sorted(points, key=str):
-            T, _, _ = _fit_at(cfg, family, realize, w, relative)
-            if T is None:
-                continue
-            ppl = evaluator.perplexity(T)
-            if ppl < best["perplexity"]:
-                best = {"perplexity": ppl, "first_token_weight": w, "alpha_relative": relative}
-        scored.append({"block": [start, start + n], "distance": distances[start], **best})
-        log.info("block choice: (%d, %d) distance %.4f, held-out perplexity %.3f with T", start, start + n,
-                 distances[start], best["perplexity"])
-    chosen = min(scored, key=lambda r: (r["perplexity"], r["distance"]))
-    if chosen["perplexity"] == float("inf"):
+        if perplexities:
+            (w, relative), ppl = min(perplexities.items(), key=lambda item: item[1])
+            best = {"perplexity": ppl, "first_token_weight": w, "alpha_relative": relative}
+        dropped = evaluator.perplexity(None)
+        # a block with no map at all is not a candidate: its search would stop the run
+        written = min(best["perplexity"], dropped) if cfg.fallback == "uidl" and perplexities else best["perplexity"]
+        scored.append({"block": [start, start + n], "distance": distances[start], **best,
+                       "perplexity_without_T": dropped, "score": written, "maps_scored": len(perplexities),
+                       "searched": rank == 0})
+        if leader is None or written < leader[0]["score"]:  # ties keep the lower distance
+            leader = (scored[-1], ScoredBlock(evaluator, perplexities, dropped))
+        del evaluator
+        log.info("block choice: (%d, %d) distance %.4f, held-out perplexity %.3f with T (%d maps), %.3f dropped",
+                 start, start + n, distances[start], best["perplexity"], len(perplexities), dropped)
+    chosen = leader[0]
+    if chosen["score"] == float("inf"):
         raise ReplaceMeError("block_choice: heldout: no candidate block has a map (too little calibration data; "
                              "set alpha > 0 or auto)")
     start = chosen["block"][0]
     log.info("block choice: (%d, %d) by held-out perplexity (lowest distance: (%d, %d))", start, start + n,
              ranked[0], ranked[0] + n)
-    return [(start, start + n)], {"method": "heldout", "candidates": scored, "chosen": chosen["block"]}
+    return [(start, start + n)], {"method": "heldout", "candidates": scored, "chosen": chosen["block"]}, leader[1]
 
 
 def _cosine_T(cfg: CompressConfig, model: LoadedModel, block: tuple[int, int], policy: str, T0, batches,
@@ -289,7 +346,7 @@ def _cosine_T(cfg: CompressConfig, model: LoadedModel, block: tuple[int, int], p
 
 
 def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, data: CalibrationData, timer, mesh,
-               state, original_perplexity) -> BlockResult:
+               state, original_perplexity, scored_block: ScoredBlock | None = None) -> BlockResult:
     start, end = block
     rows = RowPolicy(include_pad_rows=cfg.include_pad_rows, normalize=cfg.normalize_rows)
     reuse = pass1 is not None and pass1.spec.stats_blocks and end - start == n and (index == 0 or not cfg.sequential)
@@ -309,11 +366,14 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
     evaluator = validation = None
     if data.heldout_batches is not None:
         with timer("validation"):
-            evaluator = HeldoutEvaluator(current.params, current.config, *block_now, data.validation_batches)
+            # the block choice's evaluator of this block holds the same prefix states
+            evaluator = scored_block.evaluator if scored_block is not None else \
+                HeldoutEvaluator(current.params, current.config, *block_now, data.validation_batches)
             validation = {"heldout_sequences": len(data.heldout_sequences),
                           "heldout_tokens": int(sum(len(s) for s in data.heldout_sequences)),
                           "perplexity_tokens": evaluator.tokens, "perplexity_original": original_perplexity,
-                          "perplexity_without_T": evaluator.perplexity(None)}
+                          "perplexity_without_T": scored_block.perplexity_without_T if scored_block is not None
+                          else evaluator.perplexity(None)}
     if cfg.method == "uidl":
         error = pass1.drop_errors().get(start)  # on the original model, as the distances
         return BlockResult(start=start, end=end, T=None, relative_error_with_T=None, relative_error_without_T=error,
@@ -329,7 +389,8 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
     fold_family = current.family
     realize = functools.partial(fold_family.realizable_output_map, current.params["layers"][block_now[0] - 1],
                                 current.config)
-    chosen, tried = _search_lstsq(cfg, family, heldout, evaluator, timer, realize, fold_family.FOLDS_ANY_OUTPUT_MAP)
+    chosen, tried = _search_lstsq(cfg, family, heldout, evaluator, timer, realize, fold_family.FOLDS_ANY_OUTPUT_MAP,
+                                  scored_block.perplexities if scored_block is not None else None)
     T = chosen["T"]
     fit = family.equations(chosen["first_token_weight"])
     solver = {"method": "lstsq", "first_token_energy_ratio": family.energy_ratio,
@@ -506,7 +567,8 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     # UIDL needs the distances only (and dropping errors, scalars per candidate): one light pass.
     gather_all = (not distances_only and cfg.method == "lstsq"
                   and stats_bytes(len(starts), dim) <= cfg.one_pass_max_bytes)
-    if cfg.block_choice == "heldout" and not distances_only and (not gather_all or data.validation_batches is None):
+    choice_method, choice_note = _block_choice_method(cfg, distances_only, gather_all, data)
+    if choice_method == "refused":
         raise UsageError(f"block_choice: heldout needs every candidate's statistics from pass 1 "
                          f"({stats_bytes(len(starts), dim) / 2**30:.1f} GiB; one_pass_max_bytes allows "
                          f"{cfg.one_pass_max_bytes / 2**30:.1f}) and held-out documents")
@@ -520,10 +582,15 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
                             heldout_batches=data.heldout_batches or ())
     distances = pass1.distances()
     blocks = select_blocks(distances, n, cfg.num_A, cfg.merge_consecutive)
-    block_choice = None
-    if cfg.block_choice == "heldout" and not distances_only:
+    block_choice, scored_block = {"method": "distance"}, None
+    if choice_method == "heldout":
         with timer("block_choice"):
-            blocks, block_choice = _choose_block_on_heldout(cfg, model, pass1, distances, starts, n, data)
+            blocks, block_choice, scored_block = _choose_block_on_heldout(cfg, model, pass1, distances, starts, n,
+                                                                          data)
+    elif choice_note:
+        log.info("block_choice: auto takes the lowest distance: %s", choice_note)
+        block_choice["auto"] = choice_note
+    block_choice["requested"] = cfg.block_choice
     log.info("chosen blocks %s (distances %s)", blocks, [round(distances.get(s, float("nan")), 4) for s, _ in blocks])
 
     results: list[BlockResult] = []
@@ -544,7 +611,8 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
             else:
                 results.append(_fit_block(cfg, model, current, index, (start, end), block_now,
                                           pass1 if gather_all or cfg.method == "uidl" else None, starts, n, data,
-                                          timer, mesh, state, original_perplexity))
+                                          timer, mesh, state, original_perplexity,
+                                          scored_block if index == 0 else None))
                 if state:
                     r = results[-1]
                     state.save_block(index, r.T, {k: getattr(r, k) for k in (
@@ -561,7 +629,7 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
         "method": cfg.method,
         "model_path": cfg.model_path,
         "blocks": [[s, e] for s, e in blocks],
-        "block_choice": block_choice or {"method": "distance"},
+        "block_choice": block_choice,
         "distances": [distances[s] for s in starts],
         "distance_starts": starts,
         "layers_to_skip": n,
