@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = (
     "the a of and to in is was for on that with as by at from it his her an be are were this which "
     "city river music house garden model layer paper world water light stone night morning story "
     "people king queen game team song year time day north south east west small large old new"
 ).split()
+
+
+
+def devices_env(devices: int) -> dict:
+    """The environment of a test subprocess that runs JAX on ``devices`` CPU devices: the suite's own XLA
+    flags (tests/conftest.py) plus the device count, and the repository on the path."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+
 
 FAMILY_CONFIGS = {
     # name: (model_type, overrides)

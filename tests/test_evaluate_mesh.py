@@ -2,7 +2,6 @@
 give the single device's figures."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import WORDS, make_model
+from tests.helpers import WORDS, devices_env, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +24,7 @@ for argv in json.loads(sys.argv[1]):
 
 
 def run_cli(calls: list[list[str]], devices: int) -> None:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
+    env = devices_env(devices)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(calls)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

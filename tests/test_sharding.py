@@ -1,7 +1,6 @@
 """Sharded capture equals the single-device result: 8 simulated CPU devices, and 2 processes."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from replaceme_jax.sharding import ShardingRules, make_mesh, mesh_shape
 from replaceme_jax.errors import UsageError
 from replaceme_jax.models.common import ParamSpec
-from tests.helpers import make_model, random_batch, torch_logits
+from tests.helpers import devices_env, make_model, random_batch, torch_logits
 from tests.test_replaceme import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +24,7 @@ SCRIPT = ROOT / "tests" / "scripts" / "compress_on_mesh.py"
 
 
 def run_on_devices(config: dict, devices: int, env_extra=None, timeout=600) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT), **(env_extra or {}))
+    env = dict(devices_env(devices), **(env_extra or {}))
     proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps(config)], env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,8 +75,7 @@ def test_two_processes_with_jax_distributed_give_the_same_T(tiny):
     for pid in range(2):
         config = dict(base, save_path=str(root / "multi"), distributed={
             "coordinator_address": f"127.0.0.1:{port}", "num_processes": 2, "process_id": pid})
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                   PYTHONPATH=str(ROOT))
+        env = devices_env(4)
         procs.append(subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(config)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -109,8 +106,7 @@ CRASH_SCRIPT = ROOT / "tests" / "scripts" / "compress_crash_on_mesh.py"
 def run_two_processes(config: dict, *extra: str, timeout=300) -> list[tuple[int, str, str]]:
     """Both processes of a 2-process jax.distributed job (4 CPU devices each); (returncode, stdout, stderr)."""
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
+    env = devices_env(4)
     procs = [subprocess.Popen([sys.executable, str(CRASH_SCRIPT), json.dumps(dict(config, distributed={
         "coordinator_address": f"127.0.0.1:{port}", "num_processes": 2, "process_id": pid})), *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
@@ -149,8 +145,7 @@ def test_two_processes_resume_from_the_same_batch(tiny):
 
 
 def run_experts_on_devices(configs: list[dict], devices: int) -> list[dict]:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
+    env = devices_env(devices)
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "experts_on_mesh.py"), json.dumps(configs)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -188,8 +183,7 @@ def test_experts_on_a_mesh_keep_and_merge_as_on_one_device(tmp_path):
 
 
 def shard_tiny(mesh: dict, **config) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
+    env = devices_env(8)
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "replication_on_mesh.py"),
                            json.dumps({"mesh": mesh, "config": config})], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -244,8 +238,7 @@ def test_orbax_restore_puts_each_shard_on_its_device(tmp_path):
     model = load_model(tmp_path / "hf")
     save_orbax(model, tmp_path / "ckpt")
     mesh = {"data": 2, "fsdp": 2, "tensor": 2}
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
+    env = devices_env(8)
     sources = [str(tmp_path / "ckpt"), str(tmp_path / "hf")]
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "orbax_restore_on_mesh.py"),
                            json.dumps(sources), json.dumps(mesh)], env=env, capture_output=True, text=True,
