@@ -569,9 +569,12 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
                   and stats_bytes(len(starts), dim) <= cfg.one_pass_max_bytes)
     choice_method, choice_note = _block_choice_method(cfg, distances_only, gather_all, data)
     if choice_method == "refused":
-        raise UsageError(f"block_choice: heldout needs every candidate's statistics from pass 1 "
-                         f"({stats_bytes(len(starts), dim) / 2**30:.1f} GiB; one_pass_max_bytes allows "
-                         f"{cfg.one_pass_max_bytes / 2**30:.1f}) and held-out documents")
+        if not gather_all:
+            raise UsageError(f"block_choice: heldout needs every candidate's statistics from pass 1 "
+                             f"({stats_bytes(len(starts), dim) / 2**30:.1f} GiB; one_pass_max_bytes allows "
+                             f"{cfg.one_pass_max_bytes / 2**30:.1f}); raise one_pass_max_bytes or use "
+                             f"block_choice: distance")
+        raise UsageError(f"block_choice: heldout cannot score the candidates: {choice_note}")
     spec = CaptureSpec(distance_starts=tuple(starts), distance_n=n,
                        stats_blocks=tuple((s, s + n) for s in starts) if gather_all else (), rows=rows,
                        reference_distance_state=cfg.distance_state == "reference")
