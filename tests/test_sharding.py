@@ -23,13 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "compress_on_mesh.py"
 
 
-def run_on_devices(config: dict, devices: int, env_extra=None, timeout=600) -> dict:
+def run_on_devices(config: dict | list[dict], devices: int, env_extra=None, timeout=600) -> list[dict]:
+    """compress for each config, one after another in one process on ``devices`` CPU devices; each run's result."""
     env = dict(devices_env(devices), **(env_extra or {}))
     proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps(config)], env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    return json.loads(line[-1][len("RESULT "):]) if line else {}
+    return tagged(proc.stdout, "RESULT")
+
+
+# The tests on `tiny` share one worker under `--dist loadgroup` (pyproject addopts), so its single-device
+# reference run happens once, not once per xdist worker.
+TINY_GROUP = pytest.mark.xdist_group("tiny_mesh")
 
 
 @pytest.fixture(scope="module")
@@ -39,27 +44,32 @@ def tiny(tmp_path_factory):
     write_corpus(root / "data.jsonl", rows=32)
     base = dict(model_path=str(root / "m"), dataset=str(root / "data.jsonl"), max_length=32, batch_size=8,
                 dataset_size=32, layers_to_skip=2, overwrite=True, fallback="none")
-    single = run_on_devices(dict(base, save_path=str(root / "single")), 1)
+    [single] = run_on_devices(dict(base, save_path=str(root / "single")), 1)
     return root, base, single
+
+
+MESHES = [{"data": 8}, {"data": 2, "fsdp": 4}, {"data": 4, "tensor": 2}, {"fsdp": 2, "tensor": 4}]
 
 
 # Sums over 8 devices are reduced in a different order than on one: float32 per-batch products
 # (relative ~1e-7) accumulate into a T of norm ~1 conditioned ~1e2, so 1e-5 is ample and still tight.
-@pytest.mark.parametrize("mesh", [{"data": 8}, {"data": 2, "fsdp": 4}, {"data": 4, "tensor": 2},
-                                  {"fsdp": 2, "tensor": 4}])
-def test_sharded_compress_equals_single_device(tiny, mesh):
+@TINY_GROUP
+def test_sharded_compress_equals_single_device(tiny):
+    """Every mesh layout in one 8-device process (one start-up instead of four)."""
     root, base, single = tiny
-    name = "_".join(f"{k}{v}" for k, v in mesh.items())
-    sharded = run_on_devices(dict(base, mesh=mesh, save_path=str(root / name)), 8)
-    assert sharded["devices"] == 8 and sharded["mesh"] == mesh_shape(mesh, 8)
-    assert sharded["blocks"] == single["blocks"]
-    for start, d in single["distances"].items():
-        assert sharded["distances"][start] == pytest.approx(d, abs=1e-6)
-    np.testing.assert_allclose(np.array(sharded["T"][0]), np.array(single["T"][0]), atol=1e-5)
-    a = AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float32)
+    names = ["_".join(f"{k}{v}" for k, v in mesh.items()) for mesh in MESHES]
+    runs = run_on_devices([dict(base, mesh=mesh, save_path=str(root / name)) for mesh, name in zip(MESHES, names)], 8)
+    assert len(runs) == len(MESHES)
     b = AutoModelForCausalLM.from_pretrained(root / "single", dtype=torch.float32)
     ids, mask = random_batch(128, [12, 7], seed=0)
-    np.testing.assert_allclose(torch_logits(a, ids, mask), torch_logits(b, ids, mask), atol=1e-4)
+    for mesh, name, sharded in zip(MESHES, names, runs):
+        assert sharded["devices"] == 8 and sharded["mesh"] == mesh_shape(mesh, 8), name
+        assert sharded["blocks"] == single["blocks"], name
+        for start, d in single["distances"].items():
+            assert sharded["distances"][start] == pytest.approx(d, abs=1e-6), name
+        np.testing.assert_allclose(np.array(sharded["T"][0]), np.array(single["T"][0]), atol=1e-5, err_msg=name)
+        a = AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float32)
+        np.testing.assert_allclose(torch_logits(a, ids, mask), torch_logits(b, ids, mask), atol=1e-4, err_msg=name)
 
 
 def free_port() -> int:
@@ -68,6 +78,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@TINY_GROUP
 def test_two_processes_with_jax_distributed_give_the_same_T(tiny):
     root, base, single = tiny
     port = free_port()
@@ -123,6 +134,7 @@ def tagged(stdout: str, tag: str) -> list[dict]:
     return [json.loads(l[len(tag) + 1:]) for l in stdout.splitlines() if l.startswith(tag + " ")]
 
 
+@TINY_GROUP
 def test_two_processes_resume_from_the_same_batch(tiny):
     """A 2-process job dies after the pass-1 state of batch 2 is saved; the rerun of both processes
     restores batch 2 on each (not only on process 0), so their collectives stay in step, and gives
