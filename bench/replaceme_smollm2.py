@@ -83,6 +83,16 @@ VARIANTS = {
         dict(method="lstsq", dataset=WIKITEXT_TRAIN, block_choice="heldout"),
         "WikiText-2 train calibration: of the 4 lowest-distance blocks, the one whose map scores best on held-out"),
     "lstsq_2x4": (dict(method="lstsq", layers_to_skip=4, num_A=2), "two blocks of 4 layers, one map each (multi-LT)"),
+    # two blocks of 4 with a kept layer between, given (config key blocks) instead of the distance's greedy pair
+    "lstsq_blocks_12_16_17_21": (dict(method="lstsq", layers_to_skip=4, num_A=2, blocks=[[12, 16], [17, 21]]),
+                                 "two middle blocks of 4, (12, 16) and (17, 21), one map each (multi-LT)"),
+    "lstsq_blocks_7_11_12_16": (dict(method="lstsq", layers_to_skip=4, num_A=2, blocks=[[7, 11], [12, 16]]),
+                                "two middle blocks of 4, (7, 11) and (12, 16), one map each (multi-LT)"),
+    # dropping the blocks `block_choice: auto` writes on this setting, for the per-depth table
+    "uidl_blocks_12_16": (dict(method="uidl", layers_to_skip=4, blocks=[[12, 16]]),
+                          "drop (12, 16), the n = 4 block the default writes"),
+    "uidl_blocks_12_20": (dict(method="uidl", layers_to_skip=8, blocks=[[12, 20]]),
+                          "drop (12, 20), the n = 8 block the default writes"),
     "lstsq_2x4_kl": (dict(method="lstsq", layers_to_skip=4, num_A=2, refine="kl", refine_steps=60, refine_lr=2e-4),
                      "two blocks of 4 layers, each map refined by 60 KL steps"),
     **{f"{method}_n{n}": (dict(method=method, layers_to_skip=n), "") for n in (4, 6, 10) for method in ("uidl", "lstsq")},

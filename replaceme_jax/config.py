@@ -134,6 +134,9 @@ class ReplaceMeSolver:
     # below this the choice costs more than the run (11 scored maps a candidate) for a ranking on
     # a few documents (BENCHMARKS.md, issue 16)
     block_choice_min_tokens: int = 4096
+    # remove these blocks instead of choosing them: num_A pairs [start, end) of layers_to_skip layers each, in
+    # the original layer numbers (the distances are still measured and reported)
+    blocks: list | None = None
     use_4bit: bool = False  # reference option (bitsandbytes on CUDA); not supported here
     solver: Literal["adam"] = "adam"
     two_vectors: bool = False  # reference option; not supported
@@ -211,6 +214,32 @@ class ReplaceMeSolver:
                                  "it needs method: lstsq and validation_fraction > 0")
         if self.diag and self.method == "cosine":
             raise UsageError("config key 'diag' applies to method lstsq only")
+        if self.blocks is not None:
+            self._validate_blocks()
+
+    def _validate_blocks(self) -> None:
+        def is_pair(block):
+            return isinstance(block, list) and len(block) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in block)
+
+        if not self.blocks or not all(is_pair(block) for block in self.blocks):
+            raise UsageError(f"config key 'blocks' must be a list of [start, end] pairs of layer numbers "
+                             f"(got {self.blocks!r})")
+        if len(self.blocks) != self.num_A:
+            raise UsageError(f"config key 'blocks' lists {len(self.blocks)} block(s); set num_A: {len(self.blocks)} "
+                             f"(it is {self.num_A})")
+        for start, end in self.blocks:
+            if start < 1:
+                raise UsageError(f"config key 'blocks': [{start}, {end}] starts before layer 1 (layer 0 is kept)")
+            if end - start != self.layers_to_skip:
+                raise UsageError(f"config key 'blocks': [{start}, {end}] holds {end - start} layers; set "
+                                 f"layers_to_skip: {end - start} (it is {self.layers_to_skip}), every block the same")
+        ordered = sorted(self.blocks)
+        for (_, end), (start, next_end) in zip(ordered, ordered[1:]):
+            if start < end:
+                raise UsageError(f"config key 'blocks': [{start}, {next_end}] overlaps the block ending at {end}")
+        if self.block_choice == "heldout":
+            raise UsageError("config keys 'blocks' and 'block_choice: heldout' both choose the block; give one")
 
 
 @dataclasses.dataclass

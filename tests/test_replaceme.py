@@ -375,3 +375,51 @@ def test_block_choice_heldout_refuses_before_the_pass_when_statistics_would_not_
     make_model(tmp_path / "m", "llama", num_hidden_layers=6)
     with pytest.raises(UsageError, match="block_choice: heldout needs every candidate's statistics"):
         compress(run_config(tmp_path, tmp_path / "m", block_choice="heldout", one_pass_max_bytes=1, save_path=None))
+
+
+def test_given_blocks_are_removed_with_the_map_pass_1_gathered_for_them(tmp_path, monkeypatch):
+    from replaceme_jax.replaceme import pipeline
+
+    make_model(tmp_path / "m", "llama", num_hidden_layers=6)
+    passes = []
+    capture = pipeline.run_capture
+    monkeypatch.setattr(pipeline, "run_capture", lambda *a, **k: passes.append(a[2].stats_blocks) or capture(*a, **k))
+    given = compress(run_config(tmp_path, tmp_path / "m", save_path=None, blocks=[[3, 5]], alpha=0.0,
+                                first_token_rows="include"))
+    assert passes == [((3, 5),)]  # one pass: distances of every candidate, statistics of the given block
+    assert given.report["blocks"] == [[3, 5]] and given.report["block_choice"] == {"method": "given", "requested": "auto"}
+    assert given.model.config.num_hidden_layers == 4 and len(given.distances) == 4
+    # the same block fitted from a statistics pass of its own gives the same map
+    separate = compress(run_config(tmp_path, tmp_path / "m", save_path=None, blocks=[[3, 5]], alpha=0.0,
+                                   first_token_rows="include", one_pass_max_bytes=1))
+    assert passes[1:] == [(), ((3, 5),)]
+    assert given.blocks[0].T is not None
+    np.testing.assert_allclose(given.blocks[0].T, separate.blocks[0].T, rtol=1e-5, atol=1e-6)
+
+
+def test_given_blocks_that_touch_are_merged_into_one(tmp_path):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=6)
+    result = compress(run_config(tmp_path, tmp_path / "m", save_path=None, blocks=[[3, 4], [2, 3]], num_A=2,
+                                 layers_to_skip=1, method="uidl"))
+    assert result.report["blocks"] == [[2, 4]] and result.model.config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(blocks=[3, 5]), "must be a list of [start, end] pairs"),
+    (dict(blocks=[[3, 5.0]]), "must be a list of [start, end] pairs"),
+    (dict(blocks=[[3, 5], [1, 3]]), "lists 2 block(s); set num_A: 2 (it is 1)"),
+    (dict(blocks=[[2, 5]]), "[2, 5] holds 3 layers; set layers_to_skip: 3 (it is 2)"),
+    (dict(blocks=[[0, 2]]), "[0, 2] starts before layer 1"),
+    (dict(blocks=[[1, 3], [2, 4]], num_A=2), "[2, 4] overlaps the block ending at 3"),
+    (dict(blocks=[[1, 3]], block_choice="heldout"), "'blocks' and 'block_choice: heldout' both choose"),
+])
+def test_given_blocks_refuse_what_cannot_be_removed(tmp_path, overrides, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        run_config(tmp_path, tmp_path / "m", **overrides)
+
+
+def test_given_blocks_past_the_last_layer_are_refused_before_any_pass(tmp_path):
+    make_model(tmp_path / "m", "llama", num_hidden_layers=6)
+    with pytest.raises(UsageError, match=re.escape("[5, 7] ends past the model's 6 layers")):
+        compress(run_config(tmp_path, tmp_path / "m", blocks=[[5, 7]]))
+    assert not (tmp_path / "out").exists()

@@ -26,7 +26,7 @@ from replaceme_jax.config import CompressConfig, to_dict
 from replaceme_jax.errors import OutputExistsError, ReplaceMeError, UsageError
 from replaceme_jax.replaceme.merge import replace_block
 from replaceme_jax.replaceme.refine import refine_kl
-from replaceme_jax.replaceme.selection import candidate_starts, select_blocks
+from replaceme_jax.replaceme.selection import candidate_starts, merge_touching, select_blocks
 from replaceme_jax.replaceme.solvers import (NormalEquations, cosine_state, fit_cosine,
                                              lstsq_from_normal_equations)
 from replaceme_jax.replaceme.validation import (HeldoutEvaluator, coordinate_search, limit_tokens, perplexity,
@@ -232,6 +232,8 @@ def _block_choice_method(cfg: CompressConfig, distances_only: bool, gather_all: 
                          data: CalibrationData) -> tuple[str, str | None]:
     """How this run chooses its block: ``heldout``, ``distance`` (with, for ``auto``, why not heldout), or
     ``refused`` (heldout asked for and impossible)."""
+    if cfg.blocks is not None:
+        return "given", None
     if distances_only or cfg.block_choice == "distance":
         return "distance", None
     # config validation refuses an explicit heldout for the first two; auto falls back quietly
@@ -349,11 +351,11 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
                state, original_perplexity, scored_block: ScoredBlock | None = None) -> BlockResult:
     start, end = block
     rows = RowPolicy(include_pad_rows=cfg.include_pad_rows, normalize=cfg.normalize_rows)
-    reuse = pass1 is not None and pass1.spec.stats_blocks and end - start == n and (index == 0 or not cfg.sequential)
+    reuse = pass1 is not None and (start, end) in pass1.spec.stats_blocks and (index == 0 or not cfg.sequential)
     if cfg.method == "uidl":
         acc, block_index = None, None
     elif reuse:
-        acc, block_index = pass1, starts.index(start)
+        acc, block_index = pass1, pass1.spec.stats_blocks.index((start, end))
     else:
         # The earlier blocks are already replaced in `current`: fit on the model as it will be.
         source = current if cfg.sequential else model
@@ -525,6 +527,9 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     starts = candidate_starts(num_layers, n, cfg.min_distance_layer)
     if cfg.num_A > len(starts):
         raise UsageError(f"num_A={cfg.num_A} blocks of {n} layers do not fit in {num_layers} layers")
+    for start, end in cfg.blocks or ():
+        if end > num_layers:
+            raise UsageError(f"config key 'blocks': [{start}, {end}] ends past the model's {num_layers} layers")
     removed_layers = n * cfg.num_A
     if num_layers - removed_layers < 2 or removed_layers > num_layers / 2:
         log.warning("removing %d of %d layers leaves %d: %s", removed_layers, num_layers, num_layers - removed_layers,
@@ -567,6 +572,15 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     # UIDL needs the distances only (and dropping errors, scalars per candidate): one light pass.
     gather_all = (not distances_only and cfg.method == "lstsq"
                   and stats_bytes(len(starts), dim) <= cfg.one_pass_max_bytes)
+    # given blocks: pass 1 gathers the statistics of those its fits can use (a later block of a sequential
+    # run is fitted on the model with the earlier ones replaced)
+    given = merge_touching(cfg.blocks) if cfg.blocks is not None and cfg.merge_consecutive else \
+        sorted(tuple(block) for block in cfg.blocks or ())
+    stats_blocks = tuple(given[:1] if cfg.sequential else given) if cfg.blocks is not None else \
+        tuple((s, s + n) for s in starts)
+    if cfg.blocks is not None:
+        gather_all = (not distances_only and cfg.method == "lstsq"
+                      and stats_bytes(len(stats_blocks), dim) <= cfg.one_pass_max_bytes)
     choice_method, choice_note = _block_choice_method(cfg, distances_only, gather_all, data)
     if choice_method == "refused":
         if not gather_all:
@@ -576,7 +590,7 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
                              f"block_choice: distance")
         raise UsageError(f"block_choice: heldout cannot score the candidates: {choice_note}")
     spec = CaptureSpec(distance_starts=tuple(starts), distance_n=n,
-                       stats_blocks=tuple((s, s + n) for s in starts) if gather_all else (), rows=rows,
+                       stats_blocks=stats_blocks if gather_all else (), rows=rows,
                        reference_distance_state=cfg.distance_state == "reference")
     with timer("pass1_distances" + ("_and_statistics" if gather_all else "")), \
             _progress(data.all_batches, "pass 1") as bar:
@@ -584,8 +598,8 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
                             checkpoint=state.pass_state("pass1") if state else None,
                             heldout_batches=data.heldout_batches or ())
     distances = pass1.distances()
-    blocks = select_blocks(distances, n, cfg.num_A, cfg.merge_consecutive)
-    block_choice, scored_block = {"method": "distance"}, None
+    blocks = given if cfg.blocks is not None else select_blocks(distances, n, cfg.num_A, cfg.merge_consecutive)
+    block_choice, scored_block = {"method": choice_method if choice_method == "given" else "distance"}, None
     if choice_method == "heldout":
         with timer("block_choice"):
             blocks, block_choice, scored_block = _choose_block_on_heldout(cfg, model, pass1, distances, starts, n,

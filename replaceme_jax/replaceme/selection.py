@@ -35,13 +35,15 @@ def select_blocks(distances: Mapping[int, float], n: int, num_blocks: int = 1,
     if len(chosen) < num_blocks:
         raise UsageError(f"cannot place {num_blocks} non-overlapping blocks of {n} layers "
                          f"(only {len(chosen)} fit)")
-    chosen.sort()
-    if merge_consecutive:
-        merged = [chosen[0]]
-        for start, end in chosen[1:]:
-            if start == merged[-1][1]:
-                merged[-1] = (merged[-1][0], end)
-            else:
-                merged.append((start, end))
-        chosen = merged
-    return chosen
+    return merge_touching(chosen) if merge_consecutive else sorted(chosen)
+
+
+def merge_touching(blocks) -> list[tuple[int, int]]:
+    """``blocks`` sorted by start, with blocks that touch (one's end is the next one's start) made one."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(tuple(block) for block in blocks):
+        if merged and start == merged[-1][1]:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
