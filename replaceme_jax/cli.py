@@ -147,9 +147,9 @@ def cmd_compress(args, distances_only: bool = False) -> int:
     print(f"blocks removed: {report['blocks']} ({report['num_hidden_layers_before']} -> "
           f"{report['num_hidden_layers_after']} layers, {report['calibration_tokens']} calibration tokens)")
     for block in report["block_results"]:
-        with_t = block["relative_error_with_T"]
-        print(f"  block {block['block']}: relative error {block['relative_error_without_T']:.4f} without T"
-              + (f", {with_t:.4f} with T" if with_t is not None else ""))
+        errors = [f"{block[key]:.4f} {label}" for key, label in (
+            ("relative_error_without_T", "without T"), ("relative_error_with_T", "with T")) if block[key] is not None]
+        print(f"  block {block['block']}: relative error {', '.join(errors) or 'not measured (merged block)'}")
     if result.save_path is not None:
         what = "distance profile" if distances_only else "model and report"
         print(f"wrote {what} to {result.save_path} (report: {result.save_path / 'replaceme_report.json'})")

@@ -397,11 +397,19 @@ def test_given_blocks_are_removed_with_the_map_pass_1_gathered_for_them(tmp_path
     np.testing.assert_allclose(given.blocks[0].T, separate.blocks[0].T, rtol=1e-5, atol=1e-6)
 
 
-def test_given_blocks_that_touch_are_merged_into_one(tmp_path):
+def test_cli_given_blocks_that_touch_are_merged_into_one(tmp_path, capsys):
     make_model(tmp_path / "m", "llama", num_hidden_layers=6)
-    result = compress(run_config(tmp_path, tmp_path / "m", save_path=None, blocks=[[3, 4], [2, 3]], num_A=2,
-                                 layers_to_skip=1, method="uidl"))
-    assert result.report["blocks"] == [[2, 4]] and result.model.config.num_hidden_layers == 4
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_path: {tmp_path / 'm'}\ndataset: {write_corpus(tmp_path / 'data.jsonl')}\n"
+                      f"max_length: 48\nmethod: uidl\nsave_path: {tmp_path / 'out'}\n")
+    assert main(["compress", "--config", str(config), "--set", "blocks=[[3, 4], [2, 3]]", "--set", "num_A=2",
+                 "--set", "layers_to_skip=1"]) == 0
+    report = json.loads((tmp_path / "out" / "replaceme_report.json").read_text())
+    assert report["blocks"] == [[2, 4]] and report["num_hidden_layers_after"] == 4
+    assert report["block_choice"] == {"method": "given", "requested": "auto"}
+    # pass 1 measured blocks of one layer, not the merged block of two
+    assert report["block_results"][0]["relative_error_without_T"] is None
+    assert "block [2, 4]: relative error not measured (merged block)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -377,7 +377,8 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, d
                           "perplexity_without_T": scored_block.perplexity_without_T if scored_block is not None
                           else evaluator.perplexity(None)}
     if cfg.method == "uidl":
-        error = pass1.drop_errors().get(start)  # on the original model, as the distances
+        # on the original model, as the distances; a merged block is longer than any measured one
+        error = pass1.drop_errors().get(start) if end - start == n else None
         return BlockResult(start=start, end=end, T=None, relative_error_with_T=None, relative_error_without_T=error,
                            fit_rows=0.0, solver={"method": "uidl"}, validation=validation)
 
