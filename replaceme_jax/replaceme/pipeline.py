@@ -347,7 +347,7 @@ def _cosine_T(cfg: CompressConfig, model: LoadedModel, block: tuple[int, int], p
                       "losses": result.losses, "lr": cfg.cosine_lr, "epochs": cfg.cosine_epochs, "l1": cfg.cosine_l1}
 
 
-def _fit_block(cfg, model, current, index, block, block_now, pass1, starts, n, data: CalibrationData, timer, mesh,
+def _fit_block(cfg, model, current, index, block, block_now, pass1, n, data: CalibrationData, timer, mesh,
                state, original_perplexity, scored_block: ScoredBlock | None = None) -> BlockResult:
     start, end = block
     rows = RowPolicy(include_pad_rows=cfg.include_pad_rows, normalize=cfg.normalize_rows)
@@ -569,19 +569,15 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     rows = RowPolicy(include_pad_rows=cfg.include_pad_rows, normalize=cfg.normalize_rows)
 
     # Pass 1: distances of every candidate and, where memory allows, the normal equations of every
-    # candidate block too, so that a single-block lstsq run needs one pass over the data.
+    # candidate block too, so that a single-block lstsq run needs one pass over the data; of given blocks,
+    # those a fit can use (a later block of a sequential run is fitted on the model with earlier ones replaced).
     # UIDL needs the distances only (and dropping errors, scalars per candidate): one light pass.
-    gather_all = (not distances_only and cfg.method == "lstsq"
-                  and stats_bytes(len(starts), dim) <= cfg.one_pass_max_bytes)
-    # given blocks: pass 1 gathers the statistics of those its fits can use (a later block of a sequential
-    # run is fitted on the model with the earlier ones replaced)
-    given = merge_touching(cfg.blocks) if cfg.blocks is not None and cfg.merge_consecutive else \
-        sorted(tuple(block) for block in cfg.blocks or ())
-    stats_blocks = tuple(given[:1] if cfg.sequential else given) if cfg.blocks is not None else \
-        tuple((s, s + n) for s in starts)
+    given = None
     if cfg.blocks is not None:
-        gather_all = (not distances_only and cfg.method == "lstsq"
-                      and stats_bytes(len(stats_blocks), dim) <= cfg.one_pass_max_bytes)
+        given = merge_touching(cfg.blocks) if cfg.merge_consecutive else sorted(map(tuple, cfg.blocks))
+    stats_blocks = tuple((s, s + n) for s in starts) if given is None else tuple(given[:1] if cfg.sequential else given)
+    gather_all = (not distances_only and cfg.method == "lstsq"
+                  and stats_bytes(len(stats_blocks), dim) <= cfg.one_pass_max_bytes)
     choice_method, choice_note = _block_choice_method(cfg, distances_only, gather_all, data)
     if choice_method == "refused":
         if not gather_all:
@@ -599,7 +595,7 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
                             checkpoint=state.pass_state("pass1") if state else None,
                             heldout_batches=data.heldout_batches or ())
     distances = pass1.distances()
-    blocks = given if cfg.blocks is not None else select_blocks(distances, n, cfg.num_A, cfg.merge_consecutive)
+    blocks = given if given is not None else select_blocks(distances, n, cfg.num_A, cfg.merge_consecutive)
     block_choice, scored_block = {"method": choice_method if choice_method == "given" else "distance"}, None
     if choice_method == "heldout":
         with timer("block_choice"):
@@ -628,7 +624,7 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
                 results.append(BlockResult(start=start, end=end, T=T, **record))
             else:
                 results.append(_fit_block(cfg, model, current, index, (start, end), block_now,
-                                          pass1 if gather_all or cfg.method == "uidl" else None, starts, n, data,
+                                          pass1 if gather_all or cfg.method == "uidl" else None, n, data,
                                           timer, mesh, state, original_perplexity,
                                           scored_block if index == 0 else None))
                 if state:
