@@ -93,6 +93,14 @@ VARIANTS = {
                           "drop (12, 16), the n = 4 block the default writes"),
     "uidl_blocks_12_20": (dict(method="uidl", layers_to_skip=8, blocks=[[12, 20]]),
                           "drop (12, 20), the n = 8 block the default writes"),
+    # the refinement's defaults on the blocks `block_choice: auto` writes (given, to skip the choice's fits)
+    "lstsq_kl_blocks_12_16": (dict(method="lstsq", layers_to_skip=4, blocks=[[12, 16]], refine="kl"),
+                              "n = 4 on (12, 16), the default's block, then the refinement's defaults"),
+    "lstsq_kl_blocks_13_19": (dict(method="lstsq", layers_to_skip=6, blocks=[[13, 19]], refine="kl"),
+                              "n = 6 on (13, 19), the default's block, then the refinement's defaults"),
+    "lstsq_kl_blocks_12_16_17_21": (
+        dict(method="lstsq", layers_to_skip=4, num_A=2, blocks=[[12, 16], [17, 21]], refine="kl"),
+        "two middle blocks of 4, (12, 16) and (17, 21), each map refined with the refinement's defaults"),
     "lstsq_2x4_kl": (dict(method="lstsq", layers_to_skip=4, num_A=2, refine="kl", refine_steps=60, refine_lr=2e-4),
                      "two blocks of 4 layers, each map refined by 60 KL steps"),
     **{f"{method}_n{n}": (dict(method=method, layers_to_skip=n), "") for n in (4, 6, 10) for method in ("uidl", "lstsq")},
