@@ -11,7 +11,8 @@ Cost is kept low three ways:
 - the teacher (the original model) is run once per batch, and only its top-``k`` log-probabilities
   are kept; the KL is that of the distributions coarsened to those ``k`` tokens plus one bucket for
   the rest (a lower bound of the full KL, exact when the teacher's mass sits in its top ``k``);
-- the student's logits exist for one batch at a time.
+- the student's logits exist for ``TOKEN_CHUNK`` positions at a time, and the backward pass recomputes
+  them and each layer's activations rather than keeping them.
 
 The refined T is kept only if it lowers the held-out perplexity (the caller checks).
 """
@@ -32,7 +33,7 @@ from replaceme_jax import interrupt
 from replaceme_jax.models import family_for
 from replaceme_jax.progress import progress_bar
 from replaceme_jax.replaceme.merge import replace_block
-from replaceme_jax.replaceme.validation import _prefix, suffix_logits
+from replaceme_jax.replaceme.validation import _prefix, suffix_hidden
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,34 @@ class RefineResult:
     tokens: int
 
 
-@functools.partial(jax.jit, static_argnames=("config", "k"))
-def _teacher_top_k(params, input_ids, attention_mask, *, config, k):
+# positions whose full-vocabulary logits exist at once: the logits of a whole batch (8 x 512 x 49,152 float32
+# for SmolLM2: 0.8 GB, several times over in the backward pass) set the refinement's peak memory otherwise
+TOKEN_CHUNK = 512
+
+
+def _token_chunks(x: jax.Array, size: int) -> jax.Array:
+    """``[N, ...]`` -> ``[ceil(N / size), size, ...]``, zero-padded at the end."""
+    count = -(-x.shape[0] // size)
+    x = jnp.pad(x, [(0, count * size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(count, size, *x.shape[1:])
+
+
+def _chunk_log_softmax(params, config, rows: jax.Array) -> jax.Array:
+    """Log-probabilities over the vocabulary of ``rows`` [C, D] (final-normed hidden states)."""
+    logits = family_for(config.model_type).lm_head(params, config, rows[None])[0]
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "k", "chunk"))
+def _teacher_top_k(params, input_ids, attention_mask, *, config, k, chunk=None):
+    chunk = chunk or TOKEN_CHUNK
     family = family_for(config.model_type)
-    logits = family.forward(params, config, input_ids, attention_mask).logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jax.lax.top_k(logp, k)
+    hidden = family.forward(params, config, input_ids, attention_mask, compute_logits=False).hidden_states[-1]
+    b, s, d = hidden.shape
+    normed = family.final_norm(params, config, hidden).reshape(b * s, d)
+    top_logp, top_index = jax.lax.map(lambda rows: jax.lax.top_k(_chunk_log_softmax(params, config, rows), k),
+                                      _token_chunks(normed, min(chunk, b * s)))
+    return top_logp.reshape(-1, k)[: b * s].reshape(b, s, k), top_index.reshape(-1, k)[: b * s].reshape(b, s, k)
 
 
 def _coarse_log_probs(logp_top: jax.Array) -> jax.Array:
@@ -60,15 +83,30 @@ def _coarse_log_probs(logp_top: jax.Array) -> jax.Array:
     return jnp.concatenate([logp_top, rest[..., None]], axis=-1)
 
 
-def kl_loss(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_mask, *, config, start):
-    """Mean over real tokens of KL(teacher || student), both coarsened to the teacher's top k + rest."""
-    logits = suffix_logits(params, T, y, m, attention_mask, config=config, start=start).astype(jnp.float32)
-    student = jax.nn.log_softmax(logits, axis=-1)
-    student_top = jnp.take_along_axis(student, teacher_index, axis=-1)
-    p = _coarse_log_probs(teacher_logp)
-    q = _coarse_log_probs(student_top)
-    kl = jnp.sum(jnp.exp(p) * (p - q), axis=-1)
-    return jnp.sum(jnp.where(token_mask, kl, 0.0)) / jnp.maximum(jnp.sum(token_mask), 1)
+def kl_loss(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_mask, *, config, start,
+            chunk=None):
+    """Mean over real tokens of KL(teacher || student), both coarsened to the teacher's top k + rest.
+    The student's logits are computed ``chunk`` positions at a time and recomputed in the backward pass,
+    as is every layer's activations: memory stays near one chunk's logits plus one layer's activations."""
+    family, chunk = family_for(config.model_type), chunk or TOKEN_CHUNK
+    hidden = suffix_hidden(params, T, y, m, attention_mask, config=config, start=start, remat=True)
+    b, s, d = hidden.shape
+    size = min(chunk, b * s)
+    k = teacher_index.shape[-1]
+
+    @jax.checkpoint
+    def chunk_kl(total, chunk_inputs):
+        rows, logp, index, mask = chunk_inputs
+        student_top = jnp.take_along_axis(_chunk_log_softmax(params, config, rows), index, axis=-1)
+        p, q = _coarse_log_probs(logp), _coarse_log_probs(student_top)
+        kl = jnp.sum(jnp.exp(p) * (p - q), axis=-1)
+        return total + jnp.sum(jnp.where(mask, kl, 0.0)), None
+
+    normed = family.final_norm(params, config, hidden).reshape(b * s, d)
+    chunks = (_token_chunks(normed, size), _token_chunks(teacher_logp.reshape(b * s, k), size),
+              _token_chunks(teacher_index.reshape(b * s, k), size), _token_chunks(token_mask.reshape(b * s), size))
+    total, _ = jax.lax.scan(chunk_kl, jnp.zeros((), jnp.float32), chunks)
+    return total / jnp.maximum(jnp.sum(token_mask), 1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "start", "optimizer"), donate_argnames=("T", "opt_state"))

@@ -80,17 +80,30 @@ def _prefix(params, input_ids, attention_mask, *, config, start):
     return out.attn_residuals[-1], out.mlp_outputs[-1]
 
 
-def suffix_logits(params, T, y, m, attention_mask, *, config, start, precision=None):
-    """Logits of the pruned model (``params``/``config``: the block already removed) from
-    ``h_start = Y + M T``: the part of the network a candidate T changes (validation, refinement)."""
+def suffix_hidden(params, T, y, m, attention_mask, *, config, start, precision=None, remat: bool = False):
+    """The last hidden state (before the final norm) of the pruned model (``params``/``config``: the block
+    already removed) from ``h_start = Y + M T``. ``remat`` recomputes each layer's activations in the
+    backward pass instead of keeping them (the refinement's gradient through every later layer)."""
     family = family_for(config.model_type)
     ctx = family.attention_context(config, attention_mask.shape, attention_mask)
     h = (y.astype(jnp.float32) + jnp.einsum("bsd,de->bse", m.astype(jnp.float32), T,
                                              precision=precision)).astype(y.dtype)
-    return run_layers(params["layers"][start:], h,
-                      lambda i, layer, h: family.decoder_layer(layer, config, start + i, h, ctx),
-                      lambda h: family.lm_head(params, config, family.final_norm(params, config, h)),
-                      collect_layers=False, num_layers=None, compute_logits=True).logits
+
+    def step(index, layer, h):
+        return family.decoder_layer(layer, config, start + index, h, ctx)
+
+    if remat:
+        step = jax.checkpoint(step, static_argnums=(0,))
+    return run_layers(params["layers"][start:], h, step, None, collect_layers=False, num_layers=None,
+                      compute_logits=False).hidden_states[-1]
+
+
+def suffix_logits(params, T, y, m, attention_mask, *, config, start, precision=None):
+    """Logits of the pruned model from ``h_start = Y + M T``: the part of the network a candidate T
+    changes (validation)."""
+    family = family_for(config.model_type)
+    h = suffix_hidden(params, T, y, m, attention_mask, config=config, start=start, precision=precision)
+    return family.lm_head(params, config, family.final_norm(params, config, h))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "start"))
