@@ -101,6 +101,9 @@ VARIANTS = {
     "lstsq_kl_blocks_12_16_17_21": (
         dict(method="lstsq", layers_to_skip=4, num_A=2, blocks=[[12, 16], [17, 21]], refine="kl"),
         "two middle blocks of 4, (12, 16) and (17, 21), each map refined with the refinement's defaults"),
+    "lstsq_kl_blocks_11_15_16_20": (
+        dict(method="lstsq", layers_to_skip=4, num_A=2, blocks=[[11, 15], [16, 20]], refine="kl"),
+        "two blocks of 4 around layer 15, (11, 15) and (16, 20), near (11, 19)'s cut; each map refined"),
     "lstsq_2x4_kl": (dict(method="lstsq", layers_to_skip=4, num_A=2, refine="kl", refine_steps=60, refine_lr=2e-4),
                      "two blocks of 4 layers, each map refined by 60 KL steps"),
     **{f"{method}_n{n}": (dict(method=method, layers_to_skip=n), "") for n in (4, 6, 10) for method in ("uidl", "lstsq")},
