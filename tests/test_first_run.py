@@ -64,7 +64,11 @@ def test_auto_fit_records_its_choices_and_picks_the_lowest_heldout_perplexity(tm
         assert np.isfinite(validation[key]) and validation[key] > 1
     tried = [c for c in validation["candidates"] if "perplexity" in c]
     assert len(tried) >= 4  # a search, not one point
-    assert validation["perplexity_with_T"] == min(c["perplexity"] for c in tried)
+    best_fit = min(c["perplexity"] for c in tried)
+    refined = block["solver"].get("refine")  # the default refines the best fit; kept only if it scores better
+    assert refined is not None and refined["perplexity_before"] == best_fit
+    assert validation["perplexity_with_T"] == (refined["perplexity_after"] if refined["kept"] else best_fit)
+    assert validation["perplexity_with_T"] <= best_fit
     # the search is not silent: one log line per fit scored
     assert len([r for r in caplog.records if r.getMessage().startswith("held-out search: fit ")]) == len(tried)
     chosen = block["solver"]
