@@ -26,7 +26,8 @@ C4 = str(DATA / "calibration" / "c4_sample.jsonl")
 WIKITEXT_TRAIN = str(DATA / "calibration" / "wikitext2_train_excerpt.txt")
 # block_choice: distance keeps every recorded row reproducible (they predate the auto default, which on
 # this setting chooses on held-out documents); the block_heldout variants ask for the choice
-BASE = dict(model_path="smollm2-135m", dataset=C4, dataset_column="text", block_choice="distance",
+# refine: none likewise (the default since 2026-12-04): the refined variants say refine="kl"
+BASE = dict(model_path="smollm2-135m", dataset=C4, dataset_column="text", block_choice="distance", refine="none",
             dataset_size=256, batch_size=8, max_length=512, layers_to_skip=8, num_A=1, save_path=None)
 REFERENCE_ROWS = dict(include_pad_rows=True, first_token_rows="include", bucket="longest", sort_by_length=False)
 
@@ -104,6 +105,9 @@ VARIANTS = {
     "lstsq_kl_blocks_11_15_16_20": (
         dict(method="lstsq", layers_to_skip=4, num_A=2, blocks=[[11, 15], [16, 20]], refine="kl"),
         "two blocks of 4 around layer 15, (11, 15) and (16, 20), near (11, 19)'s cut; each map refined"),
+    "lstsq_kl_wikitext_calibration_blocks_11_19": (
+        dict(method="lstsq", dataset=WIKITEXT_TRAIN, blocks=[[11, 19]], refine="kl"),
+        "WikiText-2 train calibration on (11, 19), the block its held-out choice writes, then the refinement"),
     "lstsq_2x4_kl": (dict(method="lstsq", layers_to_skip=4, num_A=2, refine="kl", refine_steps=60, refine_lr=2e-4),
                      "two blocks of 4 layers, each map refined by 60 KL steps"),
     **{f"{method}_n{n}": (dict(method=method, layers_to_skip=n), "") for n in (4, 6, 10) for method in ("uidl", "lstsq")},
