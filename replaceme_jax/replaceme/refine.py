@@ -87,7 +87,7 @@ def kl_loss(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_
             chunk=None):
     """Mean over real tokens of KL(teacher || student), both coarsened to the teacher's top k + rest.
     The student's logits are computed ``chunk`` positions at a time and recomputed in the backward pass,
-    as is every layer's activations: memory stays near one chunk's logits plus one layer's activations."""
+    as are every layer's activations, so memory does not grow with the batch's full-vocabulary logits."""
     family, chunk = family_for(config.model_type), chunk or TOKEN_CHUNK
     hidden = suffix_hidden(params, T, y, m, attention_mask, config=config, start=start, remat=True)
     b, s, d = hidden.shape
