@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/refine_step_memory.py [--cases 12:8x512,22:8x512,25:8x512,12:8x256,12:8x128]
 
-Compiles (does not run) the gradient of `refine.kl_loss` in T for block ``(start, start + 4)`` of the real
+Compiles (does not run) `refine.kl_loss_and_grad` (the loss and its gradient in T) for block ``(start, start + 4)`` of the real
 model on abstract inputs of batch ``B x S`` and prints ``compiled.memory_analysis().temp_size_in_bytes``,
 plus the loss alone (forward) for the first case. Where the step's memory goes, without timing noise.
 """
@@ -21,6 +21,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="12:8x512,22:8x512,25:8x512,12:8x256,12:8x128")
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--tokens-at-once", type=int, default=None,
+                        help="rows' tokens per backward group (default: the library's; 1000000: the whole batch)")
     args = parser.parse_args()
 
     from replaceme_jax.conversion import load_model
@@ -42,9 +44,12 @@ def main():
                   spec((batch, length), jnp.int32), spec((batch, length, k)), spec((batch, length, k), jnp.int32),
                   spec((batch, length), jnp.bool_))
         loss = functools.partial(refine.kl_loss, config=config, start=start)
-        grad_temp = jax.jit(jax.grad(loss, argnums=1)).lower(*inputs).compile().memory_analysis().temp_size_in_bytes
+        step = functools.partial(refine.kl_loss_and_grad, config=config, start=start,
+                                 tokens_at_once=args.tokens_at_once)
+        grad_temp = jax.jit(step).lower(*inputs).compile().memory_analysis().temp_size_in_bytes
         row = {"start": start, "layers_after_block": config.num_hidden_layers - start, "batch": [batch, length],
-               "token_chunk": refine.TOKEN_CHUNK, "grad_temp_mb": round(grad_temp / 2**20)}
+               "token_chunk": refine.TOKEN_CHUNK,
+               "tokens_at_once": args.tokens_at_once or refine.TOKENS_AT_ONCE, "grad_temp_mb": round(grad_temp / 2**20)}
         if number == 0:
             forward = jax.jit(loss).lower(*inputs).compile().memory_analysis().temp_size_in_bytes
             row["forward_temp_mb"] = round(forward / 2**20)

@@ -10,7 +10,7 @@ from replaceme_jax.data import make_batches
 from replaceme_jax.models import family_for
 from replaceme_jax.replaceme.merge import replace_block
 from replaceme_jax.replaceme.pipeline import REFINE_MIN_RELATIVE_GAIN, compress
-from replaceme_jax.replaceme.refine import _coarse_log_probs, _teacher_top_k, kl_loss, refine_kl
+from replaceme_jax.replaceme.refine import _coarse_log_probs, _teacher_top_k, kl_loss, kl_loss_and_grad, refine_kl
 from replaceme_jax.replaceme.validation import _prefix
 from tests.helpers import make_model
 from tests.test_replaceme import run_config, zero_layers
@@ -90,8 +90,8 @@ def test_compress_with_refine_records_it_and_keeps_T_only_if_heldout_improves(tm
 
 
 def test_chunked_teacher_and_loss_equal_the_whole_batch_at_once(identity_block_model):
-    """Chunks of 7 positions (which do not divide the batch's; the last one is padded) change the memory,
-    not the teacher's top k, the loss or its gradient in T."""
+    """Chunks of 7 positions (which do not divide the batch's; the last one is padded) and rows taken in
+    groups change the memory, not the teacher's top k, the loss or its gradient in T."""
     params, config = identity_block_model.params, identity_block_model.config
     pruned, pruned_config = replace_block(params, config, 2, 4, None)
     batch = next(iter(batches()))
@@ -113,6 +113,13 @@ def test_chunked_teacher_and_loss_equal_the_whole_batch_at_once(identity_block_m
 
         (value_whole, grad_whole), (value_chunked, grad_chunked) = (
             jax.value_and_grad(loss)(T, chunk) for chunk in (10**6, 7))
+        # the step's form: rows in groups (of 1 and of 2 here, a batch of 4 rows), the sums carried between them
+        grouped = [kl_loss_and_grad(pruned, T, y, m, mask, *whole, mask > 0, config=pruned_config, start=2,
+                                    tokens_at_once=tokens) for tokens in (1, 2 * ids.shape[1])]
     assert float(value_whole) > 1e-3
     np.testing.assert_allclose(float(value_chunked), float(value_whole), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad_chunked), np.asarray(grad_whole), rtol=1e-4, atol=1e-7)
+    assert ids.shape[0] == 4
+    for value, grad in grouped:
+        np.testing.assert_allclose(float(value), float(value_whole), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(grad_whole), rtol=1e-4, atol=1e-7)

@@ -5,14 +5,16 @@ next-token distribution at the end of the network. This refinement keeps every w
 fixed and moves only T, through the layers after the block and the head, towards the original
 model's distribution.
 
-Cost is kept low three ways:
+Cost is kept low four ways:
 - the layers before the block do not depend on T: their outputs (Y and M of layer ``start - 1``) are
   computed once per batch and cached, as in validation;
 - the teacher (the original model) is run once per batch, and only its top-``k`` log-probabilities
   are kept; the KL is that of the distributions coarsened to those ``k`` tokens plus one bucket for
   the rest (a lower bound of the full KL, exact when the teacher's mass sits in its top ``k``);
 - the student's logits exist for ``TOKEN_CHUNK`` positions at a time, and the backward pass recomputes
-  them and each layer's activations rather than keeping them.
+  them and each layer's activations rather than keeping them;
+- the gradient is summed over groups of the batch's rows (``TOKENS_AT_ONCE`` tokens), one group after
+  another, because XLA keeps every later layer's backward working set at once.
 
 The refined T is kept only if it lowers the held-out perplexity (the caller checks).
 """
@@ -85,8 +87,14 @@ def _coarse_log_probs(logp_top: jax.Array) -> jax.Array:
 
 def kl_loss(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_mask, *, config, start,
             chunk=None):
-    """Mean over real tokens of KL(teacher || student), both coarsened to the teacher's top k + rest.
-    The student's logits are computed ``chunk`` positions at a time and recomputed in the backward pass,
+    """Mean over real tokens of KL(teacher || student), both coarsened to the teacher's top k + rest."""
+    total = kl_sum(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_mask, config=config,
+                   start=start, chunk=chunk)
+    return total / jnp.maximum(jnp.sum(token_mask), 1)
+
+
+def kl_sum(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_mask, *, config, start, chunk=None):
+    """``kl_loss`` times the number of real tokens. The student's logits are computed ``chunk`` positions at a time and recomputed in the backward pass,
     as are every layer's activations, so memory does not grow with the batch's full-vocabulary logits."""
     family, chunk = family_for(config.model_type), chunk or TOKEN_CHUNK
     hidden = suffix_hidden(params, T, y, m, attention_mask, config=config, start=start, remat=True)
@@ -106,14 +114,42 @@ def kl_loss(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_
     chunks = (_token_chunks(normed, size), _token_chunks(teacher_logp.reshape(b * s, k), size),
               _token_chunks(teacher_index.reshape(b * s, k), size), _token_chunks(token_mask.reshape(b * s), size))
     total, _ = jax.lax.scan(chunk_kl, jnp.zeros((), jnp.float32), chunks)
-    return total / jnp.maximum(jnp.sum(token_mask), 1)
+    return total
+
+
+# tokens whose backward pass runs at once: XLA (CPU) holds the backward working set of every layer after the
+# block together, attention's [rows, heads, length, length] buffers among it, rematerialised or not
+# (bench/refine_step_memory.py: 3.5 GB for 8 x 512 behind 14 SmolLM2 layers), so the batch's rows go
+# through in groups of about this many tokens, one group after another
+TOKENS_AT_ONCE = 1024
+
+
+def kl_loss_and_grad(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_mask, *, config, start,
+                     tokens_at_once=None):
+    """``kl_loss`` and its gradient in T, the batch's rows taken a group at a time (the same sums)."""
+    batch, length = token_mask.shape
+    wanted = max(1, (tokens_at_once or TOKENS_AT_ONCE) // length)
+    rows = max(r for r in range(1, min(wanted, batch) + 1) if batch % r == 0)
+
+    def group(x):
+        return x.reshape(batch // rows, rows, *x.shape[1:])
+
+    def add_group(carry, inputs):
+        total, grad = carry
+        value, group_grad = jax.value_and_grad(kl_sum, argnums=1)(params, T, *inputs, config=config, start=start)
+        return (total + value, grad + group_grad), None
+
+    inputs = tuple(group(x) for x in (y, m, attention_mask, teacher_logp, teacher_index, token_mask))
+    (total, grad), _ = jax.lax.scan(add_group, (jnp.zeros((), jnp.float32), jnp.zeros_like(T)), inputs)
+    count = jnp.maximum(jnp.sum(token_mask), 1)
+    return total / count, grad / count
 
 
 @functools.partial(jax.jit, static_argnames=("config", "start", "optimizer"), donate_argnames=("T", "opt_state"))
 def _step(params, T, opt_state, y, m, attention_mask, teacher_logp, teacher_index, token_mask, *, config, start,
           optimizer):
-    loss, grad = jax.value_and_grad(kl_loss, argnums=1)(params, T, y, m, attention_mask, teacher_logp,
-                                                         teacher_index, token_mask, config=config, start=start)
+    loss, grad = kl_loss_and_grad(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_mask,
+                                  config=config, start=start)
     updates, opt_state = optimizer.update(grad, opt_state, T)
     return optax.apply_updates(T, updates), opt_state, loss
 
