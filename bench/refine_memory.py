@@ -6,9 +6,9 @@
 Calibration: the first ``--documents`` C4 documents of ../shared/data (max_length 512, batches of 8, as
 the issue-16 benchmark), the first ``--batches`` batches of them. The process loads the model, runs
 `refine_kl` for block ``--block`` from T = I for ``--steps`` steps, and prints one JSON object: the
-peak RSS (``ru_maxrss``) after loading and after refining, the first step (compiles) and the mean of
-the others, and which checkout's `replaceme_jax` ran (so that two versions can be compared with
-PYTHONPATH).
+peak RSS (``ru_maxrss``) after loading and after refining, the time to the end of the first step (the
+teacher's pass over the batches, compiling, the step) and the mean of the others, and which checkout's
+`replaceme_jax` ran (so that two versions can be compared with PYTHONPATH).
 """
 
 from __future__ import annotations

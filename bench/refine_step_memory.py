@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/refine_step_memory.py [--cases 12:8x512,22:8x512,25:8x512,12:8x256,12:8x128]
 
-Compiles (does not run) `refine.kl_loss_and_grad` (the loss and its gradient in T) for block ``(start, start + 4)`` of the real
-model on abstract inputs of batch ``B x S`` and prints ``compiled.memory_analysis().temp_size_in_bytes``,
-plus the loss alone (forward) for the first case. Where the step's memory goes, without timing noise.
+Compiles (does not run) `refine.kl_loss_and_grad` (the loss and its gradient in T) for block
+``(start, start + 4)`` of the real model on abstract inputs of batch ``B x S`` and prints
+``compiled.memory_analysis().temp_size_in_bytes``, plus the loss alone (forward) for the first case.
+Where the step's memory goes, without timing noise.
 """
 
 from __future__ import annotations

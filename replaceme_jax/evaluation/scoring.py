@@ -226,7 +226,7 @@ def head_chunks(params, config, normed: jax.Array) -> Callable[[int | jax.Array,
     return chunk_logits
 
 
-def _final_states(params, config, input_ids, attention_mask) -> jax.Array:
+def final_states(params, config, input_ids, attention_mask) -> jax.Array:
     """The last hidden states after the final norm, ``[batch * length, hidden]``: what the LM head reads."""
     family = family_for(config.model_type)
     hidden = family.forward(params, config, input_ids, attention_mask, compute_logits=False).hidden_states[-1]
@@ -243,7 +243,7 @@ def _row_sums(target_mask, logprob, is_top):
 
 @functools.partial(jax.jit, static_argnames=("config", "vocab_chunk"))
 def _score_batch(params, input_ids, attention_mask, targets, target_mask, *, config, vocab_chunk):
-    normed = _final_states(params, config, input_ids, attention_mask)
+    normed = final_states(params, config, input_ids, attention_mask)
     logprob, is_top = target_logprobs(head_chunks(params, config, normed), config.vocab_size, targets.reshape(-1),
                                       vocab_chunk)
     return _row_sums(target_mask, logprob, is_top)
@@ -254,7 +254,7 @@ def _compare_batch(params, reference_params, input_ids, attention_mask, targets,
                    reference_config, vocab_chunk):
     """``_score_batch`` plus, per row, KL(reference || model) summed over the targets and the number of
     targets where both models' argmax agree."""
-    heads = [head_chunks(p, c, _final_states(p, c, input_ids, attention_mask))
+    heads = [head_chunks(p, c, final_states(p, c, input_ids, attention_mask))
              for p, c in ((params, config), (reference_params, reference_config))]
     logprob, is_top, kl, agree = reference_divergence(*heads, config.vocab_size, targets.reshape(-1), vocab_chunk)
     kl = jnp.sum(jnp.where(target_mask, kl.reshape(target_mask.shape), 0.0), axis=-1)

@@ -69,14 +69,13 @@ def _chunk_log_softmax(params, config, rows: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("config", "k", "chunk"))
 def _teacher_top_k(params, input_ids, attention_mask, *, config, k, chunk=None):
-    chunk = chunk or TOKEN_CHUNK
-    family = family_for(config.model_type)
-    hidden = family.forward(params, config, input_ids, attention_mask, compute_logits=False).hidden_states[-1]
-    b, s, d = hidden.shape
-    normed = family.final_norm(params, config, hidden).reshape(b * s, d)
-    top_logp, top_index = jax.lax.map(lambda rows: jax.lax.top_k(_chunk_log_softmax(params, config, rows), k),
-                                      _token_chunks(normed, min(chunk, b * s)))
-    return top_logp.reshape(-1, k)[: b * s].reshape(b, s, k), top_index.reshape(-1, k)[: b * s].reshape(b, s, k)
+    from replaceme_jax.evaluation.scoring import final_states  # here: compress need not import evaluation to start
+
+    b, s = input_ids.shape
+    normed = final_states(params, config, input_ids, attention_mask)
+    top = jax.lax.map(lambda rows: jax.lax.top_k(_chunk_log_softmax(params, config, rows), k),
+                      _token_chunks(normed, min(chunk or TOKEN_CHUNK, b * s)))
+    return tuple(x.reshape(-1, k)[: b * s].reshape(b, s, k) for x in top)
 
 
 def _coarse_log_probs(logp_top: jax.Array) -> jax.Array:
@@ -94,13 +93,12 @@ def kl_loss(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_
 
 
 def kl_sum(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_mask, *, config, start, chunk=None):
-    """``kl_loss`` times the number of real tokens. The student's logits are computed ``chunk`` positions at a time and recomputed in the backward pass,
-    as are every layer's activations, so memory does not grow with the batch's full-vocabulary logits."""
+    """``kl_loss`` times the number of real tokens. The student's logits are computed ``chunk`` positions
+    at a time and recomputed in the backward pass, as are every layer's activations, so memory does not
+    grow with the batch's full-vocabulary logits."""
     family, chunk = family_for(config.model_type), chunk or TOKEN_CHUNK
     hidden = suffix_hidden(params, T, y, m, attention_mask, config=config, start=start, remat=True)
-    b, s, d = hidden.shape
-    size = min(chunk, b * s)
-    k = teacher_index.shape[-1]
+    b, s, _ = hidden.shape
 
     @jax.checkpoint
     def chunk_kl(total, chunk_inputs):
@@ -110,9 +108,8 @@ def kl_sum(params, T, y, m, attention_mask, teacher_logp, teacher_index, token_m
         kl = jnp.sum(jnp.exp(p) * (p - q), axis=-1)
         return total + jnp.sum(jnp.where(mask, kl, 0.0)), None
 
-    normed = family.final_norm(params, config, hidden).reshape(b * s, d)
-    chunks = (_token_chunks(normed, size), _token_chunks(teacher_logp.reshape(b * s, k), size),
-              _token_chunks(teacher_index.reshape(b * s, k), size), _token_chunks(token_mask.reshape(b * s), size))
+    per_position = (family.final_norm(params, config, hidden), teacher_logp, teacher_index, token_mask)
+    chunks = tuple(_token_chunks(x.reshape(b * s, *x.shape[2:]), min(chunk, b * s)) for x in per_position)
     total, _ = jax.lax.scan(chunk_kl, jnp.zeros((), jnp.float32), chunks)
     return total
 
