@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("REPLACEME_BENCH_DATA", ROOT.parent / "shared" / "data"))  # elsewhere on a lent GPU
 
 C4 = str(DATA / "calibration" / "c4_sample.jsonl")
 WIKITEXT_TRAIN = str(DATA / "calibration" / "wikitext2_train_excerpt.txt")
@@ -108,6 +109,26 @@ VARIANTS = {
     "lstsq_kl_wikitext_calibration_blocks_11_19": (
         dict(method="lstsq", dataset=WIKITEXT_TRAIN, blocks=[[11, 19]], refine="kl"),
         "WikiText-2 train calibration on (11, 19), the block its held-out choice writes, then the refinement"),
+    # longer refinements and more calibration text, first run on a lent GPU. The defaults' 64k-token budget
+    # already covers all of 256 documents (63.8k tokens); 1,000 documents are the whole C4 sample
+    "lstsq_kl_blocks_12_16_17_21_240": (
+        dict(method="lstsq", layers_to_skip=4, num_A=2, blocks=[[12, 16], [17, 21]], refine="kl", refine_steps=240),
+        "two middle blocks of 4, (12, 16) and (17, 21), each map refined for 240 steps"),
+    "lstsq_kl_c4_1000": (
+        dict(method="lstsq", blocks=[[11, 19]], dataset_size=1000, refine="kl", refine_tokens=1 << 20),
+        "(11, 19) fitted on 1,000 C4 documents, refined with the defaults' 60 steps over all their tokens"),
+    "lstsq_kl_c4_1000_240": (
+        dict(method="lstsq", blocks=[[11, 19]], dataset_size=1000, refine="kl", refine_steps=240,
+             refine_tokens=1 << 20),
+        "(11, 19) fitted on 1,000 C4 documents, refined for 240 steps over all their tokens"),
+    "lstsq_kl_blocks_12_16_17_21_c4_1000_240": (
+        dict(method="lstsq", layers_to_skip=4, num_A=2, blocks=[[12, 16], [17, 21]], dataset_size=1000, refine="kl",
+             refine_steps=240, refine_tokens=1 << 20),
+        "(12, 16) and (17, 21) fitted on 1,000 C4 documents, each map refined for 240 steps over all their tokens"),
+    "lstsq_kl_blocks_11_15_16_20_c4_1000_240": (
+        dict(method="lstsq", layers_to_skip=4, num_A=2, blocks=[[11, 15], [16, 20]], dataset_size=1000, refine="kl",
+             refine_steps=240, refine_tokens=1 << 20),
+        "(11, 15) and (16, 20) fitted on 1,000 C4 documents, each map refined for 240 steps over all their tokens"),
     "lstsq_2x4_kl": (dict(method="lstsq", layers_to_skip=4, num_A=2, refine="kl", refine_steps=60, refine_lr=2e-4),
                      "two blocks of 4 layers, each map refined by 60 KL steps"),
     **{f"{method}_n{n}": (dict(method=method, layers_to_skip=n), "") for n in (4, 6, 10) for method in ("uidl", "lstsq")},
