@@ -14,6 +14,23 @@ Every other argument goes to ``bench/replaceme_smollm2.py``:
 
     python bench/device_run.py --save-tokenizer .dev/tokenizer          # here, once
     python bench/device_run.py --tokenizer-dir .dev/tokenizer -- --variants a,b --output $OUT/r.json
+
+How the 2026-12-04 run was set up (BENCHMARKS.md, "First run on a lent GPU"). One call carries at most 64 MiB
+and the GGUF is 98 MB, so the model went in two parts, the second call made within the 30 s the machine stays
+warm, through /tmp there (kept while the machine is):
+- here: ``.dev/`` and ``.dev2/`` in ``.git/info/exclude``; ``.dev/model.part_a`` = the GGUF's first 50,000,000
+  bytes, ``.dev2/model.part_b`` the rest; ``.dev/data/`` = ../shared/data's c4_sample.jsonl under calibration/,
+  wikitext2_test.raw and the first 600 rows of each multiple-choice/LAMBADA file under eval/; ``.dev/whl/`` =
+  the datasets, dill, multiprocess and gguf wheels for Python 3.12 (the device README's pip download line);
+  ``.dev/tokenizer`` from ``--save-tokenizer``;
+- call 1 (carry .dev): copy all of it to /tmp/keep, ``pip install --no-index --no-deps --target
+  /tmp/keep/site /tmp/keep/whl/*.whl``;
+- call 2 (carry .dev2): ``cat`` both parts to /tmp/keep/cache/SmolLM2-135M-Instruct.Q4_1.gguf, then with
+  ``PYTHONPATH=/tmp/keep/site:. REPLACEME_JAX_CACHE=/tmp/keep/cache REPLACEME_BENCH_DATA=/tmp/keep/data
+  JAX_PLATFORMS=cuda,cpu JAX_DEFAULT_MATMUL_PRECISION=highest`` run this file as above.
+At SmolLM2's size every stage is XLA compilation, one per batch shape and program (about 25 s each there), so
+GPU variants should set ``bucket: 512`` (one padded length; unmeasured there) and use a persistent
+``JAX_COMPILATION_CACHE_DIR``.
 """
 
 from __future__ import annotations

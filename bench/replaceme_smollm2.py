@@ -109,8 +109,9 @@ VARIANTS = {
     "lstsq_kl_wikitext_calibration_blocks_11_19": (
         dict(method="lstsq", dataset=WIKITEXT_TRAIN, blocks=[[11, 19]], refine="kl"),
         "WikiText-2 train calibration on (11, 19), the block its held-out choice writes, then the refinement"),
-    # longer refinements and more calibration text, first run on a lent GPU. The defaults' 64k-token budget
-    # already covers all of 256 documents (63.8k tokens); 1,000 documents are the whole C4 sample
+    # longer refinements and more calibration text (queued on the lent H200 on 2026-12-04, whose time ran out
+    # before them). The defaults' 64k-token budget already covers all of 256 documents (63.8k tokens);
+    # 1,000 documents are the whole C4 sample
     "lstsq_kl_blocks_12_16_17_21_240": (
         dict(method="lstsq", layers_to_skip=4, num_A=2, blocks=[[12, 16], [17, 21]], refine="kl", refine_steps=240),
         "two middle blocks of 4, (12, 16) and (17, 21), each map refined for 240 steps"),
