@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -36,40 +34,36 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
-    from replaceme_smollm2 import BASE, TASKS, evaluate_params
+    from replaceme_smollm2 import BASE, TASKS, average_of_four, evaluate_params
 
     from replaceme_jax.config import CompressConfig, from_dict
     from replaceme_jax.conversion import load_model, load_tokenizer
     from replaceme_jax.data import batches_for, calibration_sequences, split_heldout
     from replaceme_jax.evaluation import Reference
     from replaceme_jax.replaceme.merge import replace_block
-    from replaceme_jax.replaceme.pipeline import compress
-    from replaceme_jax.replaceme.refine import refine_kl
+    from replaceme_jax.replaceme.pipeline import REFINE_MIN_RELATIVE_GAIN, compress
+    from replaceme_jax.replaceme.refine import batches_for_tokens, refine_kl
     from replaceme_jax.replaceme.validation import HeldoutEvaluator, limit_tokens
 
     s1, e1, s2, e2 = (int(x) for x in args.blocks.split(","))
     n = e1 - s1
     cfg = from_dict(CompressConfig, dict(BASE, method="lstsq", layers_to_skip=n, num_A=2,
                                          blocks=[[s1, e1], [s2, e2]], refine="kl"))
+    # the model and the calibration sequences once, for compress and for the second round
+    original = load_model(cfg.model_path)
+    tokenizer = load_tokenizer(original)
+    sequences, sources = calibration_sequences(cfg, tokenizer, params=original.params, config=original.config)
     began = time.perf_counter()
-    result = compress(cfg)
+    result = compress(cfg, model=original, sequences=sequences, tokenizer=tokenizer)
     compress_s = time.perf_counter() - began
     T1, T2 = (b.T for b in result.blocks)
     if T1 is None or T2 is None:
         raise SystemExit("a block fell back to dropping; nothing to re-refine")
 
-    original = load_model(cfg.model_path)
-    tokenizer = load_tokenizer(original)
-    sequences, sources = calibration_sequences(cfg, tokenizer, params=original.params, config=original.config)
+    # the same split and batches as compress made of those sequences
     fit, heldout = split_heldout(sequences, cfg.validation_fraction, cfg.validation_min_sequences, cfg.seed)
-    batches = batches_for(cfg, fit, tokenizer, sources)
+    chosen = batches_for_tokens(batches_for(cfg, fit, tokenizer, sources), cfg.refine_tokens)
     scored = batches_for(cfg, limit_tokens(heldout, cfg.validation_max_tokens), tokenizer)
-    chosen, budget = [], 0
-    for batch in batches:  # the refinement's token budget, as compress takes it
-        if chosen and budget >= cfg.refine_tokens:
-            break
-        chosen.append(batch)
-        budget += int(np.asarray(batch.attention_mask).sum())
 
     # the second block (original numbering) replaced by its T, the first still there
     params2, config2 = replace_block(original.params, original.config, s2, e2, T2)
@@ -79,7 +73,7 @@ def main():
     refined = refine_kl(original.params, original.config, params2, config2, s1, e1, T1, chosen,
                         steps=cfg.refine_steps, lr=cfg.refine_lr, top_k=cfg.refine_top_k)
     after = evaluator.perplexity(refined.T)
-    kept = after < before * (1 - 1e-3)
+    kept = after < before * (1 - REFINE_MIN_RELATIVE_GAIN)  # compress's rule
     record = {"blocks": [[s1, e1], [s2, e2]], "compress_s": round(compress_s, 1),
               "rerefine_s": round(time.perf_counter() - began, 1), "steps": refined.steps, "tokens": refined.tokens,
               "kl_first": refined.losses[0], "kl_last": refined.losses[-1],
@@ -94,9 +88,8 @@ def main():
                                         ("wikitext2", "lambada_openai"))
     Path(args.output).write_text(json.dumps(record, indent=2, default=str) + "\n")
     r = record["results"]
-    four = [r["arc_easy"]["acc_norm"], r["piqa"]["acc_norm"], r["hellaswag"]["acc_norm"], r["winogrande"]["acc"]]
     print(f"WikiText-2 {r['wikitext2']['perplexity']:.1f}, LAMBADA {r['lambada_openai']['acc']:.3f}, "
-          f"avg of 4 {sum(four) / 4:.4f}")
+          f"avg of 4 {average_of_four(r):.4f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from replaceme_jax.data import make_batches
 from replaceme_jax.models import family_for
 from replaceme_jax.replaceme.merge import replace_block
 from replaceme_jax.replaceme.pipeline import REFINE_MIN_RELATIVE_GAIN, compress
-from replaceme_jax.replaceme.refine import _coarse_log_probs, _teacher_top_k, kl_loss, kl_loss_and_grad, refine_kl
+from replaceme_jax.replaceme.refine import (_coarse_log_probs, _teacher_top_k, batches_for_tokens, kl_loss,
+                                           kl_loss_and_grad, refine_kl)
 from replaceme_jax.replaceme.validation import _prefix
 from tests.helpers import make_model
 from tests.test_replaceme import run_config, zero_layers
@@ -29,6 +30,17 @@ def batches(vocab=128, n=8, length=24, seed=0):
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(4, vocab, size=int(rng.integers(8, length))).astype(np.int32) for _ in range(n)]
     return make_batches(seqs, 4, length, 0)
+
+
+def test_refinement_batches_stop_once_the_token_budget_is_reached():
+    sequences = [np.arange(1, 1 + length) for length in (8, 8, 4, 4, 2, 2)]
+    batches = list(make_batches(sequences, 2, 8, 0))  # 16, 8 and 4 real tokens
+    counts = [int(np.asarray(b.attention_mask).sum()) for b in batches]
+    assert counts == [16, 8, 4]
+    assert batches_for_tokens(batches, 1) == batches[:1]  # at least one batch
+    assert batches_for_tokens(batches, 16) == batches[:1]
+    assert batches_for_tokens(batches, 17) == batches[:2]
+    assert batches_for_tokens(batches, 10**6) == batches  # all there is
 
 
 def test_coarse_kl_is_a_lower_bound_and_exact_with_every_token():

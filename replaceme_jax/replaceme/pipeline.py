@@ -25,7 +25,7 @@ from replaceme_jax.capture import CaptureSpec, RowPolicy, collect_rows, run_capt
 from replaceme_jax.config import CompressConfig, to_dict
 from replaceme_jax.errors import OutputExistsError, ReplaceMeError, UsageError
 from replaceme_jax.replaceme.merge import replace_block
-from replaceme_jax.replaceme.refine import refine_kl
+from replaceme_jax.replaceme.refine import batches_for_tokens, refine_kl
 from replaceme_jax.replaceme.selection import candidate_starts, merge_touching, select_blocks
 from replaceme_jax.replaceme.solvers import (NormalEquations, cosine_state, fit_cosine,
                                              lstsq_from_normal_equations)
@@ -451,14 +451,9 @@ def _refine(cfg: CompressConfig, original: LoadedModel, source: LoadedModel, blo
     more than ``REFINE_MIN_RELATIVE_GAIN``).
     ``realize`` (families whose fold cannot carry every map, as Gemma's post-MLP norm): the refined T is
     first replaced by the foldable map nearest to it, so what is validated and kept is what is written."""
-    budget, batches = 0, []
-    for batch in data.batches:
-        if batches and budget >= cfg.refine_tokens:
-            break
-        batches.append(batch)
-        budget += int(np.asarray(batch.attention_mask).sum())
     with timer("refine"):
-        result = refine_kl(original.params, original.config, source.params, source.config, *block, T, batches,
+        result = refine_kl(original.params, original.config, source.params, source.config, *block, T,
+                           batches_for_tokens(data.batches, cfg.refine_tokens),
                            steps=cfg.refine_steps, lr=cfg.refine_lr, top_k=cfg.refine_top_k)
     refined = result.T
     if realize is not None:

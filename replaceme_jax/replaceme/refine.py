@@ -151,6 +151,17 @@ def _step(params, T, opt_state, y, m, attention_mask, teacher_logp, teacher_inde
     return optax.apply_updates(T, updates), opt_state, loss
 
 
+def batches_for_tokens(batches, tokens: int) -> list:
+    """The first batches holding at least ``tokens`` real tokens (all of them if fewer; at least one)."""
+    chosen, seen = [], 0
+    for batch in batches:
+        if chosen and seen >= tokens:
+            break
+        chosen.append(batch)
+        seen += int(np.asarray(batch.attention_mask).sum())
+    return chosen
+
+
 def refine_kl(original_params, original_config, params, config, start: int, end: int, T0: np.ndarray | None,
               batches, *, steps: int, lr: float, top_k: int = 64, progress: bool = True) -> RefineResult:
     """Refine ``T0`` (None: the identity) for block ``(start, end)`` of ``params``/``config`` (the
