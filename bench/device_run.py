@@ -54,9 +54,9 @@ def _ids(tokenizer, texts):
 
 
 def save_tokenizer(directory: Path) -> None:
-    from replaceme_jax.conversion import load_model, load_tokenizer
+    from replaceme_jax.conversion import assets, gguf_metadata
 
-    tokenizer = load_tokenizer(load_model("smollm2-135m"))
+    tokenizer = gguf_metadata.gguf_tokenizer(assets.smollm2_gguf())  # what load_tokenizer builds, without the weights
     tokenizer.save_pretrained(str(directory))
     wikitext = (ROOT.parent / "shared" / "data" / "eval" / "wikitext2_test.raw").read_text()[:3000]
     texts = [*CHECK_TEXTS, wikitext]
