@@ -109,6 +109,13 @@ VARIANTS = {
     "lstsq_kl_wikitext_calibration_blocks_11_19": (
         dict(method="lstsq", dataset=WIKITEXT_TRAIN, blocks=[[11, 19]], refine="kl"),
         "WikiText-2 train calibration on (11, 19), the block its held-out choice writes, then the refinement"),
+    # bench/screen_blocks.py at n = 8: (13, 21)'s unrefined map kept the most LAMBADA (0.080 on 300 items;
+    # (11, 19) 0.047, (12, 20) 0.060) at a held-out perplexity near theirs
+    "lstsq_kl_blocks_13_21": (dict(method="lstsq", blocks=[[13, 21]], refine="kl"),
+                              "n = 8 on (13, 21), the block whose unrefined map kept the most LAMBADA, refined"),
+    "lstsq_kl_blocks_13_21_c4_1000": (
+        dict(method="lstsq", blocks=[[13, 21]], dataset_size=1000, refine="kl", refine_tokens=1 << 20),
+        "(13, 21) fitted on 1,000 C4 documents, refined with the defaults' 60 steps over all their tokens"),
     # longer refinements and more calibration text (queued on the lent H200 on 2026-12-04, whose time ran out
     # before them). The defaults' 64k-token budget already covers all of 256 documents (63.8k tokens);
     # 1,000 documents are the whole C4 sample
