@@ -7,6 +7,9 @@ the first ``--lambada`` LAMBADA items and the first ``--windows`` WikiText-2 win
 
     .venv/bin/python bench/screen_blocks.py --n 8 --output bench/results/screen_blocks_n8.json
 
+``--after 12,16`` first replaces block (12, 16) by its map (the same search start) and screens the second
+block of a pair on that model (blocks named in the original numbering; candidates do not straddle the first).
+
 The angular distance says how far a block moves the hidden state; this says what its map keeps downstream.
 """
 
@@ -29,6 +32,7 @@ def main():
     parser.add_argument("--starts", default="", help="comma list of block starts (default: every candidate)")
     parser.add_argument("--lambada", type=int, default=500, help="LAMBADA items")
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 1024 tokens")
+    parser.add_argument("--after", default="", help="start,end of a block replaced by its map first")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -53,36 +57,54 @@ def main():
     fit, heldout = split_heldout(sequences, cfg.validation_fraction, cfg.validation_min_sequences, cfg.seed)
     batches = batches_for(cfg, fit, tokenizer, sources)
     scored = batches_for(cfg, limit_tokens(heldout, cfg.validation_max_tokens), tokenizer)
-    starts = candidate_starts(model.config.num_hidden_layers, args.n, cfg.min_distance_layer)
-    chosen = [int(s) for s in args.starts.split(",")] if args.starts else starts
-    blocks = tuple((s, s + args.n) for s in chosen)
-    spec = CaptureSpec(distance_starts=tuple(starts), distance_n=args.n, stats_blocks=blocks,
-                       rows=RowPolicy(include_pad_rows=cfg.include_pad_rows, normalize=cfg.normalize_rows))
+    w, relative = SEARCH_STARTS[0]
+    rows = RowPolicy(include_pad_rows=cfg.include_pad_rows, normalize=cfg.normalize_rows)
+
+    def fitted(pass1, index):
+        family = LstsqFamily(cfg, pass1.sums["fit"]["rest"][index], pass1.sums["fit"]["first"][index])
+        return family.solve(w, family.absolute_alpha(relative))[0]
+
+    params, config, first, removed = model.params, model.config, None, 0
+    if args.after:
+        first = tuple(int(x) for x in args.after.split(","))
+        pass0 = run_capture(params, config, CaptureSpec(stats_blocks=(first,), rows=rows), batches)
+        params, config = replace_block(params, config, *first, fitted(pass0, 0))
+        removed = first[1] - first[0]
+
+    def original_index(layer):  # a layer of the screened model in the original numbering
+        return layer + removed if first and layer >= first[0] else layer
+
+    starts = candidate_starts(config.num_hidden_layers, args.n, cfg.min_distance_layer)
+    if first:  # blocks on one side of the first, in the screened model's numbering
+        starts = [a for a in starts if a + args.n <= first[0] or a >= first[0]]
+    wanted = [int(x) for x in args.starts.split(",")] if args.starts else None  # original numbering
+    chosen = [a for a in starts if wanted is None or original_index(a) in wanted]
+    blocks = tuple((a, a + args.n) for a in chosen)
+    spec = CaptureSpec(distance_starts=tuple(starts), distance_n=args.n, stats_blocks=blocks, rows=rows)
     began = time.perf_counter()
-    pass1 = run_capture(model.params, model.config, spec, batches)
+    pass1 = run_capture(params, config, spec, batches)
     distances = pass1.distances()
     logging.info("pass 1: %.0f s", time.perf_counter() - began)
     lambada = load_task("lambada_openai", DATA / "eval", args.lambada)
     wikitext = load_task("wikitext2", DATA / "eval", args.windows)
-    w, relative = SEARCH_STARTS[0]
     out_path = Path(args.output)
-    table = {"n": args.n, "first_token_weight": w, "alpha_relative": relative, "lambada_items": args.lambada,
-             "wikitext_windows": args.windows, "blocks": {}}
+    table = {"n": args.n, "after": list(first) if first else None, "first_token_weight": w,
+             "alpha_relative": relative, "lambada_items": args.lambada, "wikitext_windows": args.windows, "blocks": {}}
     for index, (start, end) in enumerate(blocks):
         began = time.perf_counter()
-        family = LstsqFamily(cfg, pass1.sums["fit"]["rest"][index], pass1.sums["fit"]["first"][index])
-        T, _ = family.solve(w, family.absolute_alpha(relative))
-        evaluator = HeldoutEvaluator(model.params, model.config, start, end, scored)
+        T = fitted(pass1, index)
+        evaluator = HeldoutEvaluator(params, config, start, end, scored)
         row = {"distance": distances[start], "heldout_perplexity": evaluator.perplexity(T),
                "heldout_perplexity_dropped": evaluator.perplexity(None)}
         del evaluator
-        params, config = replace_block(model.params, model.config, start, end, T)
-        row["lambada_acc"] = run_task(params, config, tokenizer, lambada, max_length=1024, batch_size=16).metrics["acc"]
-        row["wikitext2_perplexity"] = run_task(params, config, tokenizer, wikitext, max_length=1024,
+        pruned = replace_block(params, config, start, end, T)
+        row["lambada_acc"] = run_task(*pruned, tokenizer, lambada, max_length=1024, batch_size=16).metrics["acc"]
+        row["wikitext2_perplexity"] = run_task(*pruned, tokenizer, wikitext, max_length=1024,
                                                batch_size=16).metrics["perplexity"]
         row["seconds"] = round(time.perf_counter() - began, 1)
-        table["blocks"][f"{start},{end}"] = row
-        logging.info("(%d, %d): %s", start, end, row)
+        name = f"{original_index(start)},{original_index(end - 1) + 1}"
+        table["blocks"][name] = row
+        logging.info("(%s): %s", name, row)
         out_path.write_text(json.dumps(table, indent=2))
     for key, row in sorted(table["blocks"].items(), key=lambda kv: -kv[1]["lambada_acc"]):
         print(f"({key}) distance {row['distance']:.4f} held-out {row['heldout_perplexity']:.1f} "
