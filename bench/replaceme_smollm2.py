@@ -116,6 +116,10 @@ VARIANTS = {
     "lstsq_kl_blocks_13_21_c4_1000": (
         dict(method="lstsq", blocks=[[13, 21]], dataset_size=1000, refine="kl", refine_tokens=1 << 20),
         "(13, 21) fitted on 1,000 C4 documents, refined with the defaults' 60 steps over all their tokens"),
+    "lstsq_kl_mix_calibration_blocks_11_19": (
+        dict(method="lstsq", dataset=[dict(dataset=source, ratio=1) for source in (C4, WIKITEXT_TRAIN, "self")],
+             blocks=[[11, 19]], refine="kl"),
+        "(11, 19) calibrated on a third each of C4, WikiText-2 train and self-generated text, then refined"),
     # longer refinements and more calibration text (queued on the lent H200 on 2026-12-04, whose time ran out
     # before them). The defaults' 64k-token budget already covers all of 256 documents (63.8k tokens);
     # 1,000 documents are the whole C4 sample
