@@ -113,9 +113,6 @@ VARIANTS = {
     # (11, 19) 0.047, (12, 20) 0.060) at a held-out perplexity near theirs
     "lstsq_kl_blocks_13_21": (dict(method="lstsq", blocks=[[13, 21]], refine="kl"),
                               "n = 8 on (13, 21), the block whose unrefined map kept the most LAMBADA, refined"),
-    "lstsq_kl_blocks_13_21_c4_1000": (
-        dict(method="lstsq", blocks=[[13, 21]], dataset_size=1000, refine="kl", refine_tokens=1 << 20),
-        "(13, 21) fitted on 1,000 C4 documents, refined with the defaults' 60 steps over all their tokens"),
     "lstsq_kl_mix_calibration_blocks_11_19": (
         dict(method="lstsq", dataset=[dict(dataset=source, ratio=1) for source in (C4, WIKITEXT_TRAIN, "self")],
              blocks=[[11, 19]], refine="kl"),

@@ -16,6 +16,7 @@ The angular distance says how far a block moves the hidden state; this says what
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -45,8 +46,9 @@ def main():
     from replaceme_jax.conversion import load_model, load_tokenizer
     from replaceme_jax.data import batches_for, calibration_sequences, split_heldout
     from replaceme_jax.evaluation import load_task, run_task
+    from replaceme_jax.models import family_for
     from replaceme_jax.replaceme.merge import replace_block
-    from replaceme_jax.replaceme.pipeline import SEARCH_STARTS, LstsqFamily
+    from replaceme_jax.replaceme.pipeline import SEARCH_STARTS, LstsqFamily, _fit_at
     from replaceme_jax.replaceme.selection import candidate_starts
     from replaceme_jax.replaceme.validation import HeldoutEvaluator, limit_tokens
 
@@ -60,15 +62,17 @@ def main():
     w, relative = SEARCH_STARTS[0]
     rows = RowPolicy(include_pad_rows=cfg.include_pad_rows, normalize=cfg.normalize_rows)
 
-    def fitted(pass1, index):
+    def fitted(pass1, index, params, config, start):  # the map the merge writes for block ``start``
         family = LstsqFamily(cfg, pass1.sums["fit"]["rest"][index], pass1.sums["fit"]["first"][index])
-        return family.solve(w, family.absolute_alpha(relative))[0]
+        realize = functools.partial(family_for(config.model_type).realizable_output_map,
+                                    params["layers"][start - 1], config)
+        return _fit_at(cfg, family, realize, w, relative)[0]
 
     params, config, first, removed = model.params, model.config, None, 0
     if args.after:
         first = tuple(int(x) for x in args.after.split(","))
         pass0 = run_capture(params, config, CaptureSpec(stats_blocks=(first,), rows=rows), batches)
-        params, config = replace_block(params, config, *first, fitted(pass0, 0))
+        params, config = replace_block(params, config, *first, fitted(pass0, 0, params, config, first[0]))
         removed = first[1] - first[0]
 
     def original_index(layer):  # a layer of the screened model in the original numbering
@@ -92,7 +96,7 @@ def main():
              "alpha_relative": relative, "lambada_items": args.lambada, "wikitext_windows": args.windows, "blocks": {}}
     for index, (start, end) in enumerate(blocks):
         began = time.perf_counter()
-        T = fitted(pass1, index)
+        T = fitted(pass1, index, params, config, start)
         evaluator = HeldoutEvaluator(params, config, start, end, scored)
         row = {"distance": distances[start], "heldout_perplexity": evaluator.perplexity(T),
                "heldout_perplexity_dropped": evaluator.perplexity(None)}
