@@ -233,9 +233,9 @@ class ReplaceMeSolver:
         for start, end in self.blocks:
             if start < 1:
                 raise UsageError(f"config key 'blocks': [{start}, {end}] starts before layer 1 (layer 0 is kept)")
-            if end - start != self.layers_to_skip:
-                raise UsageError(f"config key 'blocks': [{start}, {end}] holds {end - start} layers; set "
-                                 f"layers_to_skip: {end - start} (it is {self.layers_to_skip}), every block the same")
+            # Blocks may differ in size (say 6 + 2 layers); layers_to_skip then sets only the distance profile.
+            if end <= start:
+                raise UsageError(f"config key 'blocks': [{start}, {end}] holds no layers (end must exceed start)")
         ordered = sorted(self.blocks)
         for (_, end), (start, next_end) in zip(ordered, ordered[1:]):
             if start < end:

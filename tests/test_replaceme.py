@@ -397,6 +397,21 @@ def test_given_blocks_are_removed_with_the_map_pass_1_gathered_for_them(tmp_path
     np.testing.assert_allclose(given.blocks[0].T, separate.blocks[0].T, rtol=1e-5, atol=1e-6)
 
 
+def test_given_blocks_may_differ_in_size(tmp_path):
+    """Six layers less by a block of 2 and a block of 1: each gets its map (the second fitted on the model with
+    the first replaced), and the first map is the one a run removing that block alone writes."""
+    make_model(tmp_path / "m", "llama", num_hidden_layers=6)
+    both = compress(run_config(tmp_path, tmp_path / "m", save_path=None, blocks=[[4, 5], [1, 3]], num_A=2,
+                               layers_to_skip=2, alpha=0.0, first_token_rows="include", fallback="none"))
+    assert both.report["blocks"] == [[1, 3], [4, 5]] and both.model.config.num_hidden_layers == 3
+    assert [(r.start, r.end) for r in both.blocks] == [(1, 3), (4, 5)]
+    assert all(r.T is not None and r.relative_error_with_T is not None for r in both.blocks)
+    alone = compress(run_config(tmp_path, tmp_path / "m", save_path=None, blocks=[[1, 3]], layers_to_skip=2,
+                                alpha=0.0, first_token_rows="include", fallback="none"))
+    np.testing.assert_allclose(both.blocks[0].T, alone.blocks[0].T, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(both.blocks[1].T, np.eye(both.blocks[1].T.shape[0]), atol=1e-3)
+
+
 def test_cli_given_blocks_that_touch_are_merged_into_one(tmp_path, capsys):
     make_model(tmp_path / "m", "llama", num_hidden_layers=6)
     config = tmp_path / "run.yaml"
@@ -409,14 +424,14 @@ def test_cli_given_blocks_that_touch_are_merged_into_one(tmp_path, capsys):
     assert report["block_choice"] == {"method": "given", "requested": "auto"}
     # pass 1 measured blocks of one layer, not the merged block of two
     assert report["block_results"][0]["relative_error_without_T"] is None
-    assert "block [2, 4]: relative error not measured (merged block)" in capsys.readouterr().out
+    assert "block [2, 4]: relative error not measured (not a block of layers_to_skip layers)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(blocks=[3, 5]), "must be a list of [start, end] pairs"),
     (dict(blocks=[[3, 5.0]]), "must be a list of [start, end] pairs"),
     (dict(blocks=[[3, 5], [1, 3]]), "lists 2 block(s); set num_A: 2 (it is 1)"),
-    (dict(blocks=[[2, 5]]), "[2, 5] holds 3 layers; set layers_to_skip: 3 (it is 2)"),
+    (dict(blocks=[[3, 3]]), "[3, 3] holds no layers (end must exceed start)"),
     (dict(blocks=[[0, 2]]), "[0, 2] starts before layer 1"),
     (dict(blocks=[[1, 3], [2, 4]], num_A=2), "[2, 4] overlaps the block ending at 3"),
     (dict(blocks=[[1, 3]], block_choice="heldout"), "'blocks' and 'block_choice: heldout' both choose"),

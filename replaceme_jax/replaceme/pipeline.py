@@ -527,12 +527,12 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     n = cfg.layers_to_skip
     num_layers = model.config.num_hidden_layers
     starts = candidate_starts(num_layers, n, cfg.min_distance_layer)
-    if cfg.num_A > len(starts):
+    if cfg.blocks is None and cfg.num_A > len(starts):
         raise UsageError(f"num_A={cfg.num_A} blocks of {n} layers do not fit in {num_layers} layers")
     for start, end in cfg.blocks or ():
         if end > num_layers:
             raise UsageError(f"config key 'blocks': [{start}, {end}] ends past the model's {num_layers} layers")
-    removed_layers = n * cfg.num_A
+    removed_layers = sum(e - s for s, e in cfg.blocks) if cfg.blocks else n * cfg.num_A
     if num_layers - removed_layers < 2 or removed_layers > num_layers / 2:
         log.warning("removing %d of %d layers leaves %d: %s", removed_layers, num_layers, num_layers - removed_layers,
                     "fewer than 2" if num_layers - removed_layers < 2 else
@@ -606,7 +606,9 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
         log.info("block_choice: auto takes the lowest distance: %s", choice_note)
         block_choice["auto"] = choice_note
     block_choice["requested"] = cfg.block_choice
-    log.info("chosen blocks %s (distances %s)", blocks, [round(distances.get(s, float("nan")), 4) for s, _ in blocks])
+    # a given block of another size than layers_to_skip has no distance in the profile
+    log.info("chosen blocks %s (distances %s)", blocks,
+             [round(distances[s], 4) if e - s == n and s in distances else None for s, e in blocks])
 
     results: list[BlockResult] = []
     current = model
