@@ -117,6 +117,11 @@ VARIANTS = {
         dict(method="lstsq", dataset=[dict(dataset=source, ratio=1) for source in (C4, WIKITEXT_TRAIN, "self")],
              blocks=[[11, 19]], refine="kl"),
         "(11, 19) calibrated on a third each of C4, WikiText-2 train and self-generated text, then refined"),
+    # blocks of unequal sizes: n = 6's block (13, 19) (refined: WikiText-2 41.7, LAMBADA 0.128, 97.6%) plus the
+    # block of 2 that bench/screen_blocks.py --n 2 --after 13,19 scored best on held-out C4 and LAMBADA
+    "lstsq_kl_blocks_5_7_13_19": (
+        dict(method="lstsq", layers_to_skip=6, num_A=2, blocks=[[5, 7], [13, 19]], refine="kl"),
+        "n = 8 as 2 + 6 layers: (5, 7) and (13, 19), each map refined with the refinement's defaults"),
     # longer refinements and more calibration text (queued on the lent H200 on 2026-12-04, whose time ran out
     # before them). The defaults' 64k-token budget already covers all of 256 documents (63.8k tokens);
     # 1,000 documents are the whole C4 sample
