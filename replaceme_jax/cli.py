@@ -149,7 +149,8 @@ def cmd_compress(args, distances_only: bool = False) -> int:
     for block in report["block_results"]:
         errors = [f"{block[key]:.4f} {label}" for key, label in (
             ("relative_error_without_T", "without T"), ("relative_error_with_T", "with T")) if block[key] is not None]
-        print(f"  block {block['block']}: relative error {', '.join(errors) or 'not measured (not a block of layers_to_skip layers)'}")
+        unmeasured = "not measured (not a block of layers_to_skip layers)"
+        print(f"  block {block['block']}: relative error {', '.join(errors) or unmeasured}")
     if result.save_path is not None:
         what = "distance profile" if distances_only else "model and report"
         print(f"wrote {what} to {result.save_path} (report: {result.save_path / 'replaceme_report.json'})")
