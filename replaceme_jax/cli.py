@@ -164,14 +164,15 @@ def cmd_distances(args) -> int:
 def cmd_evaluate(args) -> int:
     from pathlib import Path
 
-    from replaceme_jax.evaluation import generation_table, markdown_table, run_evaluation
+    from replaceme_jax.evaluation import generation_table, markdown_table, paired_table, run_evaluation
 
     report = run_evaluation(args.model, args.tasks or (), data_dir=args.data_dir, limit=args.limit,
                             max_length=args.max_length, batch_size=args.batch_size, output=args.output,
                             progress=not args.quiet, generate=args.generate, max_new_tokens=args.max_new_tokens,
                             reference=args.reference, mesh=args.mesh,
                             bos={"auto": "auto", "always": True, "never": False}[args.bos])
-    tables = [markdown_table(report), generation_table(report) if "generation" in report else ""]
+    tables = [markdown_table(report), paired_table(report),
+              generation_table(report) if "generation" in report else ""]
     print("\n\n".join(t for t in tables if t))
     if args.output:
         chart = Path(args.output).with_suffix(".png")

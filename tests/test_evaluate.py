@@ -209,6 +209,18 @@ def test_cli_compares_models_writes_json_table_and_chart(tiny, tmp_path, capsys)
     first_cell = f"{arc[first.name]['acc_norm']:.4f} ± {arc[first.name]['acc_norm_stderr']:.4f}"
     assert f"| arc_easy (n=3) | acc_norm | {first_cell} | {arc['second']['acc_norm']:.4f} ± " in table
     assert "acc_stderr" not in table  # standard errors sit beside their metric, not on rows of their own
+    # every item's outcome is kept, the accuracy is their mean, and the second model is paired with the first
+    for name in report["models"]:
+        for task in ("arc_easy", "lambada_openai", "winogrande", f"mc:{mc}"):
+            outcomes = report["models"][name]["outcomes"][task]
+            for metric, values in outcomes.items():
+                assert len(values) == report["models"][name]["results"][task]["n"]
+                assert np.mean(values) == pytest.approx(report["models"][name]["results"][task][metric])
+    assert "paired" not in report["models"][first.name]
+    paired = entry["paired"]["arc_easy"]["acc_norm"]
+    assert paired["difference"] == pytest.approx(arc["second"]["acc_norm"] - arc[first.name]["acc_norm"])
+    assert "wikitext2" not in entry["paired"]  # a perplexity has no per-item outcome to pair
+    assert f"paired against {first.name}" in table and "| arc_easy (n=3) | acc_norm | " in table.split("paired")[1]
 
 
 @pytest.mark.parametrize("outcomes", [[1, 0], [1, 1, 1, 0], [0, 0, 0], [1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 1]])
@@ -217,6 +229,20 @@ def test_accuracy_stderr_is_lm_evals_mean_stderr(outcomes):
     p, n = np.mean(outcomes), len(outcomes)
     assert got["acc"] == p and got["acc_stderr"] == pytest.approx(lm_eval_stderr(outcomes), rel=1e-12, abs=1e-15)
     assert got["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), rel=1e-12, abs=1e-15)
+
+
+def test_paired_difference_is_the_mean_per_item_difference_with_its_stderr():
+    first = [1, 1, 0, 0, 1, 0, 1, 1]
+    second = [1, 0, 0, 1, 1, 0, 0, 1]
+    diff = np.subtract(second, first)
+    paired = ev.paired_difference(first, second)
+    assert paired["difference"] == pytest.approx(np.mean(second) - np.mean(first))
+    assert paired["stderr"] == pytest.approx(statistics.stdev(diff.tolist()) / math.sqrt(len(diff)))
+    # the same outcomes: no difference and no spread, however noisy each accuracy is on its own
+    assert ev.paired_difference(first, first) == {"difference": 0.0, "stderr": 0.0}
+    assert ev.paired_difference([1], [0])["stderr"] is None
+    with pytest.raises(ReplaceMeError, match="the same items"):
+        ev.paired_difference(first, second[:-1])
 
 
 def test_a_single_item_has_no_stderr():

@@ -20,10 +20,10 @@ Dependencies run one way: scoring, generation <- metrics <- tasks <- report.
 from replaceme_jax.evaluation.generation import (EXACT_MATCH_NEW_TOKENS, GENERATE_ROWS, Generations, exact_match,
                                                  greedy_continuations, normalize_answer, prompt_ids)
 from replaceme_jax.evaluation.metrics import (MultipleChoiceItem, TaskResult, accuracy, binomial_stderr,
-                                              generation_exact_match, lambada, multiple_choice, norm_length, perplexity,
-                                              perplexity_of_tokens, perplexity_windows)
-from replaceme_jax.evaluation.report import (generation_table, markdown_cell, markdown_table, plot_report,
-                                             run_evaluation)
+                                              generation_exact_match, lambada, multiple_choice, norm_length,
+                                              paired_difference, perplexity, perplexity_of_tokens, perplexity_windows)
+from replaceme_jax.evaluation.report import (generation_table, markdown_cell, markdown_table, paired_table,
+                                             plot_report, run_evaluation)
 from replaceme_jax.evaluation.scoring import (BOS_MODEL_TYPES, LOGITS_CHUNK_BYTES, MIN_BUCKET, MIN_VOCAB_CHUNK, Reference, Scores,
                                               bucket_length, encode, head_chunks, loglikelihoods, reference_divergence,
                                               score_requests, scoring_bos_id, target_logprobs, tokenize_pairs,
@@ -40,7 +40,7 @@ __all__ = [
     "vocab_chunk_size",
     # metrics
     "MultipleChoiceItem", "TaskResult", "accuracy", "binomial_stderr", "generation_exact_match", "lambada",
-    "multiple_choice", "norm_length", "perplexity", "perplexity_of_tokens", "perplexity_windows",
+    "multiple_choice", "norm_length", "paired_difference", "perplexity", "perplexity_of_tokens", "perplexity_windows",
     # generation
     "EXACT_MATCH_NEW_TOKENS", "GENERATE_ROWS", "Generations", "exact_match", "greedy_continuations",
     "normalize_answer", "prompt_ids",
@@ -48,5 +48,5 @@ __all__ = [
     "BUNDLED_DIR", "PREFIX_KINDS", "REPO_ROOT", "TASK_HELP", "TASKS", "Task", "TaskSpec", "bundled_task_file",
     "default_data_dir", "load_task", "parse_limits", "parse_task_list", "read_prompts", "run_task",
     # report
-    "generation_table", "markdown_cell", "markdown_table", "plot_report", "run_evaluation",
+    "generation_table", "markdown_cell", "markdown_table", "paired_table", "plot_report", "run_evaluation",
 ]

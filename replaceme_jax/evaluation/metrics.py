@@ -18,7 +18,10 @@ Conventions (chosen so that numbers compare with published lm-eval tables and ``
   is ``exp(-mean per-item log-likelihood)`` (lm-eval's aggregation, per item, not per token).
 - Every accuracy (``acc``, ``acc_norm``, ``exact_match``) comes with ``<metric>_stderr``, the standard
   error of a mean of n 0/1 outcomes as lm-eval computes it (sample standard deviation / sqrt(n), i.e.
-  ``sqrt(p (1 - p) / (n - 1))``); ``None`` when n is 1.
+  ``sqrt(p (1 - p) / (n - 1))``); ``None`` when n is 1. ``TaskResult.outcomes`` keeps each item's 0/1
+  outcome per accuracy, so two models scored on the same items compare item by item
+  (``paired_difference``): far tighter than the two standard errors, because most items go the same
+  way for both models.
 - Damage against a reference model (``reference=Reference(params, config)``, same vocabulary): ``kl``,
   the mean over scored tokens of ``KL(reference || model)`` of the next-token distributions (nats), and
   ``top1_agreement``, the share of scored tokens where both models' argmax is the same token. The
@@ -49,6 +52,7 @@ class TaskResult:
     metrics: dict  # metric -> value, and "n": items (windows for perplexity)
     scores: Scores | None  # per-request detail and timing (scoring tasks)
     generations: Generations | None = None  # each item's greedy continuation and timing (generation tasks)
+    outcomes: dict[str, np.ndarray] | None = None  # accuracy -> each item's 0/1 outcome, in item order
 
     def timing(self) -> dict:
         """Wall time and throughput: input tokens for scoring tasks, generated tokens for generation tasks."""
@@ -74,6 +78,18 @@ def binomial_stderr(outcomes: Sequence[bool]) -> float | None:
 def accuracy(name: str, outcomes: Sequence[bool]) -> dict:
     """``{name: mean, name_stderr: binomial_stderr}`` of 0/1 outcomes."""
     return {name: float(np.mean(outcomes)), f"{name}_stderr": binomial_stderr(outcomes)}
+
+
+def paired_difference(first: Sequence[bool], second: Sequence[bool]) -> dict:
+    """``second``'s accuracy minus ``first``'s on the same items, and its standard error: the standard
+    error of the mean of the per-item differences (each -1, 0 or 1; sample standard deviation over
+    sqrt(n), as ``binomial_stderr``), ``None`` for fewer than 2 items."""
+    a, b = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    if a.shape != b.shape:
+        raise ReplaceMeError(f"a paired difference needs the same items ({a.size} and {b.size} outcomes)")
+    diff = b - a
+    stderr = float(np.std(diff, ddof=1) / math.sqrt(diff.size)) if diff.size >= 2 else None
+    return {"difference": float(diff.mean()), "stderr": stderr}
 
 
 def divergence(scores: Scores) -> dict:
@@ -156,7 +172,7 @@ def multiple_choice(params, config, tokenizer, items: Sequence[MultipleChoiceIte
         acc.append(int(np.argmax(lls)) == item.gold)
         acc_norm.append(int(np.argmax(lls / item.divisors())) == item.gold)
     return TaskResult({**accuracy("acc", acc), **accuracy("acc_norm", acc_norm), **divergence(scores),
-                       "n": len(items)}, scores)
+                       "n": len(items)}, scores, outcomes={"acc": np.asarray(acc), "acc_norm": np.asarray(acc_norm)})
 
 
 def lambada(params, config, tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int = 1024,
@@ -169,7 +185,7 @@ def lambada(params, config, tokenizer, pairs: Sequence[tuple[str, str]], *, max_
                             progress=progress, desc=desc, reference=reference, bos_id=bos_id)
     metrics = {**accuracy("acc", scores.greedy), "perplexity": float(math.exp(-scores.logprob.mean())),
                **divergence(scores), "n": len(pairs)}
-    return TaskResult(metrics, scores)
+    return TaskResult(metrics, scores, outcomes={"acc": np.asarray(scores.greedy, bool)})
 
 
 def generation_exact_match(params, config, tokenizer, items: Sequence[tuple[str, str]], *,
@@ -182,4 +198,5 @@ def generation_exact_match(params, config, tokenizer, items: Sequence[tuple[str,
     generations = greedy_continuations(params, config, tokenizer, [p for p, _ in items], max_new_tokens=max_new_tokens,
                                        rows=batch_size, progress=progress, desc=desc)
     hits = [exact_match(text, answer) for text, (_, answer) in zip(generations.texts, items)]
-    return TaskResult({**accuracy("exact_match", hits), "n": len(items)}, None, generations)
+    return TaskResult({**accuracy("exact_match", hits), "n": len(items)}, None, generations,
+                      outcomes={"exact_match": np.asarray(hits)})

@@ -14,7 +14,7 @@ import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError, UsageError
 from replaceme_jax.evaluation.generation import greedy_continuations
-from replaceme_jax.evaluation.metrics import TaskResult
+from replaceme_jax.evaluation.metrics import TaskResult, paired_difference
 from replaceme_jax.evaluation.scoring import Reference, check_bos, scoring_bos_id
 from replaceme_jax.evaluation.tasks import TASK_HELP, load_task, parse_limits, parse_task_list, read_prompts, run_task
 from replaceme_jax.sharding import check_replication, make_mesh, place_fn
@@ -55,6 +55,11 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
     ``bos``: put the tokenizer's BOS in front of every scored sequence: ``auto`` (default) for the
     model types lm-evaluation-harness gives one (Gemma, which is trained with it), ``True``/``False``
     always/never (``scoring_bos_id``). Each model's entry says whether it got one (``bos``).
+
+    Each model's entry keeps every item's 0/1 outcome per accuracy (``outcomes[task][metric]``, in
+    the task file's order), and every model after the first gets ``paired[task][metric]``: its
+    accuracy minus the first model's on the same items, with the standard error of that paired
+    difference (``paired_difference``; ``paired_table`` prints them).
     """
     from replaceme_jax.conversion import load_model, load_tokenizer
 
@@ -108,6 +113,7 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
         bos_id = scoring_bos_id(config, tokenizer, bos)
         entry = {"path": str(src), "num_hidden_layers": config.num_hidden_layers, "bos": bos_id is not None,
                  "results": {}, "timing": {}}
+        first = next(iter(report["models"].values()), None)
         for task in loaded_tasks:
             result = run_task(model.params, config, tokenizer, task, max_length=max_length, batch_size=batch_size,
                               progress=progress, reference=compare, bos_id=bos_id)
@@ -115,6 +121,13 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
             entry["timing"][task.name] = timing = result.timing()
             if result.generations is not None:
                 entry.setdefault("outputs", {})[task.name] = result.generations.texts
+            if result.outcomes:
+                outcomes = {metric: np.asarray(v).astype(int).tolist() for metric, v in result.outcomes.items()}
+                entry.setdefault("outcomes", {})[task.name] = outcomes
+                if first is not None:
+                    entry.setdefault("paired", {})[task.name] = {
+                        metric: paired_difference(first["outcomes"][task.name][metric], v)
+                        for metric, v in outcomes.items()}
             log.info("%s %s: %s (%.1f s, %.0f tokens/s)", src, task.name,
                      ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if v is not None), timing["seconds"],
                      timing["tokens_per_second"])
@@ -193,6 +206,29 @@ def markdown_table(report: dict) -> str:
                 # a divergence is no fraction of the first model's (which is ~0 against itself)
                 cell += f" ({100 * value / base:.1f}%)" if base and metric != "kl" else ""
             cells.append(cell)
+        lines.append(f"| {task} (n={n}) | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(report: dict) -> str:
+    """Every model after the first against the first, item by item: each accuracy's difference ±
+    the standard error of the paired difference. Empty with fewer than two models or no accuracies."""
+    names = list(report["models"])
+    rows = [(task, metric, n) for task, metric, n in _rows(report)
+            if metric in report["models"][names[-1]].get("paired", {}).get(task, {})]
+    if len(names) < 2 or not rows:
+        return ""
+    lines = [f"paired against {names[0]} on the same items (difference ± its standard error):", "",
+             "| task | metric | " + " | ".join(names[1:]) + " |", "|---|---|" + "---:|" * (len(names) - 1)]
+    for task, metric, n in rows:
+        cells = []
+        for name in names[1:]:
+            paired = report["models"][name].get("paired", {}).get(task, {}).get(metric)
+            if paired is None:
+                cells.append("-")
+                continue
+            stderr = paired["stderr"]
+            cells.append(f"{paired['difference']:+.4f}" + ("" if stderr is None else f" ± {stderr:.4f}"))
         lines.append(f"| {task} (n={n}) | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
