@@ -1,6 +1,7 @@
 """Is a pruned model's share of the original's average accuracy beyond noise? A paired comparison.
 
-Reads `replaceme-jax evaluate` reports (one or more files; the first model found is the original) and
+Reads `replaceme-jax evaluate` reports or `bench/replaceme_smollm2.py` results (one or more files; the
+first model found is the original) and
 prints, for the issue-16 average of four (ARC-E, PIQA and HellaSwag acc_norm, WinoGrande acc) and for
 each task, the pruned model's figure with the standard error of its paired comparison with the
 original on the same items, on the first N items of each task for each N asked:
@@ -29,7 +30,8 @@ FOUR = (("arc_easy", "acc_norm"), ("piqa", "acc_norm"), ("hellaswag", "acc_norm"
 def models_of(paths: list[str]) -> dict:
     models = {}
     for path in paths:
-        for name, entry in json.loads(Path(path).read_text())["models"].items():
+        data = json.loads(Path(path).read_text())
+        for name, entry in data.get("models", data).items():  # an evaluate report, or the bench's table
             if "outcomes" not in entry:
                 raise SystemExit(f"{path}: {name} has no per-item outcomes (an evaluate report older than them)")
             models[name if name not in models else f"{name} ({path})"] = entry

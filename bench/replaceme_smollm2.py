@@ -153,18 +153,21 @@ TASKS = ("wikitext2", "lambada_openai", "arc_easy", "piqa", "hellaswag", "winogr
 
 
 def evaluate_params(params, config, tokenizer, tasks, limit, windows, batch_size, reference=None, damage_tasks=()):
-    """Every task's metrics; on ``damage_tasks`` also KL(original || model) and top-1 agreement."""
+    """Every task's metrics (on ``damage_tasks`` also KL(original || model) and top-1 agreement), and
+    every item's 0/1 outcome per accuracy (for `bench/paired_average.py`)."""
     from replaceme_jax.evaluation import load_task, run_task
 
-    results = {}
+    results, outcomes = {}, {}
     for name in tasks:
         task = load_task(name, DATA / "eval", windows if name == "wikitext2" else limit)
         start = time.perf_counter()
         result = run_task(params, config, tokenizer, task, max_length=1024, batch_size=batch_size,
                           reference=reference if name in damage_tasks else None)
         results[name] = dict(result.metrics, seconds=round(time.perf_counter() - start, 1))
+        if result.outcomes:
+            outcomes[name] = {metric: v.astype(int).tolist() for metric, v in result.outcomes.items()}
         logging.info("%s: %s", name, results[name])
-    return results
+    return results, outcomes
 
 
 def average_of_four(results: dict) -> float:
@@ -218,8 +221,9 @@ def main():
                      "block_results": report["block_results"], "compress_wall_time_s": report["wall_time_s"],
                      "peak_rss_mb_after_stage": report["peak_rss_mb_after_stage"],
                      "calibration_tokens": report["calibration_tokens"]}
-        entry["results"] = evaluate_params(params, config, load_tokenizer(model), TASKS, args.limit, args.windows,
-                                           args.batch_size, reference if name != "original" else None, damage_tasks)
+        entry["results"], entry["outcomes"] = evaluate_params(
+            params, config, load_tokenizer(model), TASKS, args.limit, args.windows, args.batch_size,
+            reference if name != "original" else None, damage_tasks)
         entry["total_seconds"] = round(time.perf_counter() - start, 1)
         table[name] = entry
         out_path.write_text(json.dumps(table, indent=2, default=str))

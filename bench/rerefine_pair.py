@@ -84,8 +84,8 @@ def main():
                  "kept" if kept else "not kept")
     params, config = replace_block(params2, config2, s1, e1, refined.T if kept else T1)
     reference = Reference(original.params, original.config)
-    record["results"] = evaluate_params(params, config, tokenizer, TASKS, args.limit, args.windows, 16, reference,
-                                        ("wikitext2", "lambada_openai"))
+    record["results"], record["outcomes"] = evaluate_params(params, config, tokenizer, TASKS, args.limit, args.windows,
+                                                            16, reference, ("wikitext2", "lambada_openai"))
     Path(args.output).write_text(json.dumps(record, indent=2, default=str) + "\n")
     r = record["results"]
     print(f"WikiText-2 {r['wikitext2']['perplexity']:.1f}, LAMBADA {r['lambada_openai']['acc']:.3f}, "
