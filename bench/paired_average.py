@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from replaceme_jax.evaluation import binomial_stderr, paired_difference
+
 FOUR = (("arc_easy", "acc_norm"), ("piqa", "acc_norm"), ("hellaswag", "acc_norm"), ("winogrande", "acc"))
 
 
@@ -82,11 +84,10 @@ def main():
                     y = np.asarray(entry["outcomes"][task][metric][:limit], np.float64)
                     if x.size != y.size:
                         raise SystemExit(f"{task}: {x.size} items for {names[0]}, {y.size} for {name}")
-                    d = y - x
+                    paired = paired_difference(x, y)
                     rows[f"{task} {metric}"] = {"n": int(x.size), "original": float(x.mean()), "pruned": float(y.mean()),
-                                                "difference": float(d.mean()),
-                                                "paired_stderr": float(d.std(ddof=1) / np.sqrt(d.size)),
-                                                "pruned_stderr": float(y.std(ddof=1) / np.sqrt(y.size))}
+                                                "difference": paired["difference"], "paired_stderr": paired["stderr"],
+                                                "pruned_stderr": binomial_stderr(y)}
             result = {"tasks": rows}
             if all(t in entry["outcomes"] and t in original["outcomes"] for t, _ in FOUR):
                 a = [np.asarray(original["outcomes"][t][m][:limit], np.float64) for t, m in FOUR]

@@ -165,7 +165,7 @@ def evaluate_params(params, config, tokenizer, tasks, limit, windows, batch_size
                           reference=reference if name in damage_tasks else None)
         results[name] = dict(result.metrics, seconds=round(time.perf_counter() - start, 1))
         if result.outcomes:
-            outcomes[name] = {metric: v.astype(int).tolist() for metric, v in result.outcomes.items()}
+            outcomes[name] = result.outcome_lists()
         logging.info("%s: %s", name, results[name])
     return results, outcomes
 

@@ -54,6 +54,10 @@ class TaskResult:
     generations: Generations | None = None  # each item's greedy continuation and timing (generation tasks)
     outcomes: dict[str, np.ndarray] | None = None  # accuracy -> each item's 0/1 outcome, in item order
 
+    def outcome_lists(self) -> dict[str, list[int]]:
+        """``outcomes`` as JSON lists of 0/1 (``{}`` when the task has no accuracy)."""
+        return {metric: np.asarray(v).astype(int).tolist() for metric, v in (self.outcomes or {}).items()}
+
     def timing(self) -> dict:
         """Wall time and throughput: input tokens for scoring tasks, generated tokens for generation tasks."""
         if self.generations is not None:

@@ -121,8 +121,8 @@ def run_evaluation(models: Sequence[str], tasks: str | Sequence[str] = (), *, da
             entry["timing"][task.name] = timing = result.timing()
             if result.generations is not None:
                 entry.setdefault("outputs", {})[task.name] = result.generations.texts
-            if result.outcomes:
-                outcomes = {metric: np.asarray(v).astype(int).tolist() for metric, v in result.outcomes.items()}
+            outcomes = result.outcome_lists()
+            if outcomes:
                 entry.setdefault("outcomes", {})[task.name] = outcomes
                 if first is not None:
                     entry.setdefault("paired", {})[task.name] = {
