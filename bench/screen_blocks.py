@@ -7,7 +7,8 @@ the first ``--lambada`` LAMBADA items and the first ``--windows`` WikiText-2 win
 
     .venv/bin/python bench/screen_blocks.py --n 8 --output bench/results/screen_blocks_n8.json
 
-``--after 12,16`` first replaces block (12, 16) by its map (the same search start) and screens the second
+``--mc 300`` adds ARC-E and HellaSwag acc_norm on their first 300 items, the multiple-choice tasks a second
+block costs most. ``--after 12,16`` first replaces block (12, 16) by its map (the same search start) and screens the second
 block of a pair on that model (blocks named in the original numbering; candidates do not straddle the first).
 
 The angular distance says how far a block moves the hidden state; this says what its map keeps downstream.
@@ -33,6 +34,8 @@ def main():
     parser.add_argument("--starts", default="", help="comma list of block starts (default: every candidate)")
     parser.add_argument("--lambada", type=int, default=500, help="LAMBADA items")
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 1024 tokens")
+    parser.add_argument("--mc", type=int, default=0,
+                        help="also ARC-E and HellaSwag acc_norm on their first MC items (the tasks a split costs most)")
     parser.add_argument("--after", default="", help="start,end of a block replaced by its map first")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
@@ -91,9 +94,10 @@ def main():
     logging.info("pass 1: %.0f s", time.perf_counter() - began)
     lambada = load_task("lambada_openai", DATA / "eval", args.lambada)
     wikitext = load_task("wikitext2", DATA / "eval", args.windows)
+    choices = {name: load_task(name, DATA / "eval", args.mc) for name in ("arc_easy", "hellaswag")} if args.mc else {}
     out_path = Path(args.output)
     table = {"n": args.n, "after": list(first) if first else None, "first_token_weight": w,
-             "alpha_relative": relative, "lambada_items": args.lambada, "wikitext_windows": args.windows, "blocks": {}}
+             "alpha_relative": relative, "lambada_items": args.lambada, "wikitext_windows": args.windows, "mc_items": args.mc, "blocks": {}}
     for index, (start, end) in enumerate(blocks):
         began = time.perf_counter()
         T = fitted(pass1, index, params, config, start)
@@ -105,6 +109,9 @@ def main():
         row["lambada_acc"] = run_task(*pruned, tokenizer, lambada, max_length=1024, batch_size=16).metrics["acc"]
         row["wikitext2_perplexity"] = run_task(*pruned, tokenizer, wikitext, max_length=1024,
                                                batch_size=16).metrics["perplexity"]
+        for task_name, task in choices.items():
+            row[f"{task_name}_acc_norm"] = run_task(*pruned, tokenizer, task, max_length=1024,
+                                                    batch_size=16).metrics["acc_norm"]
         row["seconds"] = round(time.perf_counter() - began, 1)
         name = f"{original_index(start)},{original_index(end - 1) + 1}"
         table["blocks"][name] = row
@@ -113,7 +120,8 @@ def main():
     for key, row in sorted(table["blocks"].items(), key=lambda kv: -kv[1]["lambada_acc"]):
         print(f"({key}) distance {row['distance']:.4f} held-out {row['heldout_perplexity']:.1f} "
               f"(dropped {row['heldout_perplexity_dropped']:.1f}) LAMBADA {row['lambada_acc']:.3f} "
-              f"WikiText-2 {row['wikitext2_perplexity']:.1f}")
+              f"WikiText-2 {row['wikitext2_perplexity']:.1f}"
+              + "".join(f" {name} {row[name + '_acc_norm']:.3f}" for name in choices))
 
 
 if __name__ == "__main__":
