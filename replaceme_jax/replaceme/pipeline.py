@@ -415,7 +415,7 @@ def _fit_block(cfg, model, current, index, block, block_now, pass1, n, data: Cal
     if cfg.refine == "kl":
         T, chosen = _refine(cfg, model, current if cfg.sequential else model,
                             block_now if cfg.sequential else block, T, chosen, solver, data, evaluator, timer,
-                            None if fold_family.FOLDS_ANY_OUTPUT_MAP else realize)
+                            None if fold_family.FOLDS_ANY_OUTPUT_MAP else realize, named=(start, end))
     if validation is not None:
         validation["candidates"] = [{k: v for k, v in r.items() if k != "T"} for r in tried]
         validation["perplexity_with_T"] = chosen["perplexity"]
@@ -446,11 +446,12 @@ REFINE_MIN_RELATIVE_GAIN = 1e-3  # held-out perplexity must drop by 0.1% for a r
 
 def _refine(cfg: CompressConfig, original: LoadedModel, source: LoadedModel, block: tuple[int, int], T, chosen: dict,
             solver: dict, data: CalibrationData, evaluator: HeldoutEvaluator | None, timer: StageTimer,
-            realize: Realize | None = None):
+            realize: Realize | None = None, named: tuple[int, int] | None = None):
     """``refine: kl`` from the chosen T; the refined T replaces it only if held-out perplexity drops (by
     more than ``REFINE_MIN_RELATIVE_GAIN``).
     ``realize`` (families whose fold cannot carry every map, as Gemma's post-MLP norm): the refined T is
-    first replaced by the foldable map nearest to it, so what is validated and kept is what is written."""
+    first replaced by the foldable map nearest to it, so what is validated and kept is what is written.
+    ``named``: the block in the original model's numbering, for the log (``block`` is in ``source``'s)."""
     with timer("refine"):
         result = refine_kl(original.params, original.config, source.params, source.config, *block, T,
                            batches_for_tokens(data.batches, cfg.refine_tokens),
@@ -473,7 +474,8 @@ def _refine(cfg: CompressConfig, original: LoadedModel, source: LoadedModel, blo
         kept = after < before * (1 - REFINE_MIN_RELATIVE_GAIN)
     record["kept"] = kept
     solver["refine"] = record
-    log.info("block (%d, %d) refine kl: %d steps in %.1f s, KL %.4f -> %.4f%s", *block, result.steps, result.seconds,
+    log.info("block (%d, %d) refine kl: %d steps in %.1f s, KL %.4f -> %.4f%s", *(named or block), result.steps,
+             result.seconds,
              result.losses[0], result.losses[-1],
              f", held-out perplexity {record['perplexity_before']:.3f} -> {record['perplexity_after']:.3f}"
              f" ({'kept' if kept else 'not kept'})" if evaluator is not None else "")
