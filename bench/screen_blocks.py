@@ -8,8 +8,8 @@ the first ``--lambada`` LAMBADA items and the first ``--windows`` WikiText-2 win
     .venv/bin/python bench/screen_blocks.py --n 8 --output bench/results/screen_blocks_n8.json
 
 ``--mc 300`` adds ARC-E and HellaSwag acc_norm on their first 300 items, the multiple-choice tasks a second
-block costs most. ``--after 12,16`` first replaces block (12, 16) by its map (the same search start) and screens the second
-block of a pair on that model (blocks named in the original numbering; candidates do not straddle the first).
+block costs most. ``--after 12,16`` first replaces block (12, 16) by its map (the same search start) and screens
+the second block of a pair on that model (blocks named in the original numbering; candidates do not straddle the first).
 
 The angular distance says how far a block moves the hidden state; this says what its map keeps downstream.
 """
@@ -97,7 +97,8 @@ def main():
     choices = {name: load_task(name, DATA / "eval", args.mc) for name in ("arc_easy", "hellaswag")} if args.mc else {}
     out_path = Path(args.output)
     table = {"n": args.n, "after": list(first) if first else None, "first_token_weight": w,
-             "alpha_relative": relative, "lambada_items": args.lambada, "wikitext_windows": args.windows, "mc_items": args.mc, "blocks": {}}
+             "alpha_relative": relative, "lambada_items": args.lambada, "wikitext_windows": args.windows,
+             "mc_items": args.mc, "blocks": {}}
     for index, (start, end) in enumerate(blocks):
         began = time.perf_counter()
         T = fitted(pass1, index, params, config, start)

@@ -142,8 +142,8 @@ def test_refinement_log_names_each_block_in_the_original_numbering(tmp_path, cap
     log line still names it as the held-out line and the report do."""
     make_model(tmp_path / "m", "llama", num_hidden_layers=8)
     with caplog.at_level("INFO", logger="replaceme_jax"):
-        result = compress(run_config(tmp_path, tmp_path / "m", blocks=[[1, 3], [5, 7]], num_A=2, refine="kl", refine_steps=2,
-                                     fallback="none"))
+        result = compress(run_config(tmp_path, tmp_path / "m", blocks=[[1, 3], [5, 7]], num_A=2, refine="kl",
+                                     refine_steps=2, fallback="none"))
     assert [b["block"] for b in result.report["block_results"]] == [[1, 3], [5, 7]]
     refined = [r.getMessage().split(" refine kl")[0] for r in caplog.records if " refine kl: " in r.getMessage()]
     assert refined == ["block (1, 3)", "block (5, 7)"]
