@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -15,6 +16,14 @@ WORDS = (
     "people king queen game team song year time day north south east west small large old new"
 ).split()
 
+
+
+def load_bench_script(name: str):
+    """A ``bench/`` script as a module (``bench`` is not a package), so tests use its code, not a copy of it."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def devices_env(devices: int) -> dict:

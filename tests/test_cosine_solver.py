@@ -1,22 +1,15 @@
 """The cosine solver with its rows passed to the jitted epoch as arguments (issue 14) gives exactly
 what the earlier closure style gave, reuses its compilation across fits, and leaves inputs intact."""
 
-import importlib.util
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 
 from replaceme_jax.replaceme import solvers
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_bench_script
 
 
 def closure_style():
-    spec = importlib.util.spec_from_file_location("cosine_epoch_bench", ROOT / "bench" / "cosine_epoch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.fit_cosine_closure
+    return load_bench_script("cosine_epoch").fit_cosine_closure
 
 
 def problem(rows=4096, dim=32, seed=0):

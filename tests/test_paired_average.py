@@ -1,6 +1,5 @@
 """bench/paired_average.py: the share's bootstrap figure does not depend on which other item counts were asked."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "paired_average.py"
-_spec = importlib.util.spec_from_file_location("paired_average_bench", SCRIPT)
-_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bench)
-FOUR = _bench.FOUR  # the script's own task list, so the fake reports always carry what it averages
+from tests.helpers import ROOT, load_bench_script
+
+SCRIPT = ROOT / "bench" / "paired_average.py"
+FOUR = load_bench_script("paired_average").FOUR  # the script's own task list: the fake reports carry what it averages
 
 
 def report(path: Path, name: str, rng) -> str:
