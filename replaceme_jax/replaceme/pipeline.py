@@ -446,7 +446,7 @@ REFINE_MIN_RELATIVE_GAIN = 1e-3  # held-out perplexity must drop by 0.1% for a r
 
 def _refine(cfg: CompressConfig, original: LoadedModel, source: LoadedModel, block: tuple[int, int], T, chosen: dict,
             solver: dict, data: CalibrationData, evaluator: HeldoutEvaluator | None, timer: StageTimer,
-            realize: Realize | None = None, named: tuple[int, int] | None = None):
+            realize: Realize | None = None, *, named: tuple[int, int]):
     """``refine: kl`` from the chosen T; the refined T replaces it only if held-out perplexity drops (by
     more than ``REFINE_MIN_RELATIVE_GAIN``).
     ``realize`` (families whose fold cannot carry every map, as Gemma's post-MLP norm): the refined T is
@@ -474,9 +474,8 @@ def _refine(cfg: CompressConfig, original: LoadedModel, source: LoadedModel, blo
         kept = after < before * (1 - REFINE_MIN_RELATIVE_GAIN)
     record["kept"] = kept
     solver["refine"] = record
-    log.info("block (%d, %d) refine kl: %d steps in %.1f s, KL %.4f -> %.4f%s", *(named or block), result.steps,
-             result.seconds,
-             result.losses[0], result.losses[-1],
+    log.info("block (%d, %d) refine kl: %d steps in %.1f s, KL %.4f -> %.4f%s", *named, result.steps,
+             result.seconds, result.losses[0], result.losses[-1],
              f", held-out perplexity {record['perplexity_before']:.3f} -> {record['perplexity_after']:.3f}"
              f" ({'kept' if kept else 'not kept'})" if evaluator is not None else "")
     if not kept:
