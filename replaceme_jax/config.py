@@ -176,7 +176,9 @@ class ReplaceMeSolver:
     # lower held-out perplexity is dropped, so a rate too high for another model costs time, not quality
     refine_steps: int = 60
     refine_lr: float = 1e-3
-    refine_tokens: int = 65536  # calibration tokens the refinement cycles over (at most what there is)
+    # calibration tokens the refinement cycles over (at most what there is, and at most refine_steps batches:
+    # a step sees one batch)
+    refine_tokens: int = 65536
     refine_top_k: int = 64  # teacher tokens kept per position (the rest is one bucket)
 
     def validate_solver(self) -> None:

@@ -88,6 +88,19 @@ def test_refinement_moves_a_spoilt_T_back_towards_the_original(identity_block_mo
     assert np.linalg.norm(result.T - np.eye(32)) < np.linalg.norm(spoilt - np.eye(32))
 
 
+def test_refinement_caches_only_the_batches_its_steps_use(identity_block_model):
+    model, spoilt = identity_block_model, 0.5 * np.eye(32)
+    every = list(batches(n=16))  # 4 batches, 3 steps: the last is never stepped on
+    used = every[:3]
+    with jax.default_matmul_precision("highest"):
+        results = [refine_kl(model.params, model.config, model.params, model.config, 2, 4, spoilt, given,
+                             steps=3, lr=1e-2, top_k=32, progress=False) for given in (every, used)]
+    assert results[0].tokens == sum(int(np.asarray(b.attention_mask).sum()) for b in used)
+    assert results[0].tokens < sum(int(np.asarray(b.attention_mask).sum()) for b in every)
+    np.testing.assert_array_equal(results[0].T, results[1].T)
+    assert results[0].losses == results[1].losses
+
+
 def test_compress_with_refine_records_it_and_keeps_T_only_if_heldout_improves(tmp_path):
     make_model(tmp_path / "m", "llama", num_hidden_layers=6)
     result = compress(run_config(tmp_path, tmp_path / "m", refine="kl", refine_steps=5, refine_lr=1e-3,

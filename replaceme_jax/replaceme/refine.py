@@ -167,9 +167,11 @@ def refine_kl(original_params, original_config, params, config, start: int, end:
     """Refine ``T0`` (None: the identity) for block ``(start, end)`` of ``params``/``config`` (the
     model as it is before this block is removed; earlier blocks may be replaced already) against
     ``original_params``/``original_config`` on ``batches``. ``steps`` Adam steps of rate ``lr``,
-    cycling over the batches."""
+    cycling over the batches; a step sees one batch, so only the first ``steps`` are cached (and counted
+    in ``tokens``): the teacher's pass over the rest would never be used."""
     began = time.perf_counter()
     pruned_params, pruned_config = replace_block(params, config, start, end, None)
+    batches = list(batches)[:max(steps, 1)]
     cached, tokens = [], 0
     for batch in batches:
         interrupt.check()
