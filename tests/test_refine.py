@@ -95,8 +95,8 @@ def test_refinement_caches_only_the_batches_its_steps_use(identity_block_model):
     with jax.default_matmul_precision("highest"):
         results = [refine_kl(model.params, model.config, model.params, model.config, 2, 4, spoilt, given,
                              steps=3, lr=1e-2, top_k=32, progress=False) for given in (every, used)]
-    assert results[0].tokens == sum(int(np.asarray(b.attention_mask).sum()) for b in used)
-    assert results[0].tokens < sum(int(np.asarray(b.attention_mask).sum()) for b in every)
+    real_tokens = [int(np.asarray(b.attention_mask).sum()) for b in every]
+    assert results[0].tokens == sum(real_tokens[:3]) < sum(real_tokens)
     np.testing.assert_array_equal(results[0].T, results[1].T)
     assert results[0].losses == results[1].losses
 
