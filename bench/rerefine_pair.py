@@ -5,6 +5,8 @@ refined on the model whose first block is already replaced, but the first T was 
 block was still there. This measures one more round of coordinate descent: the first block's T refined
 again (same steps, rate and tokens as ``compress``'s) on the model with the second block replaced by its
 T, kept only if the held-out perplexity of the whole pruned model drops, then the usual evaluation.
+``--block second`` refines the second block's T instead, with the first replaced; ``--steps`` and ``--lr``
+change the round's settings.
 
     .venv/bin/python bench/rerefine_pair.py --blocks 12,16,17,21 --output /tmp/rerefine.json
 
@@ -52,10 +54,10 @@ def main():
 
     from replaceme_smollm2 import BASE, TASKS, average_of_four, evaluate_params
 
-    from replaceme_jax.config import CompressConfig, from_dict
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
+    from replaceme_jax.config import CompressConfig, from_dict
     from replaceme_jax.conversion import export_hf, load_model, load_tokenizer
     from replaceme_jax.data import batches_for, calibration_sequences, split_heldout
     from replaceme_jax.evaluation import Reference
