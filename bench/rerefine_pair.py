@@ -54,17 +54,17 @@ def main():
 
     from replaceme_smollm2 import BASE, TASKS, average_of_four, evaluate_params
 
-    import numpy as np
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
-    from replaceme_jax.config import CompressConfig, from_dict
+    from replaceme_jax.config import CompressConfig, from_dict, to_dict
     from replaceme_jax.conversion import export_hf, load_model, load_tokenizer
     from replaceme_jax.data import batches_for, calibration_sequences, split_heldout
     from replaceme_jax.evaluation import Reference
     from replaceme_jax.replaceme.merge import replace_block
-    from replaceme_jax.replaceme.pipeline import REFINE_MIN_RELATIVE_GAIN, TRANSFORMS_FILE, compress
+    from replaceme_jax.replaceme.pipeline import REFINE_MIN_RELATIVE_GAIN, TRANSFORMS_FILE, compress, write_transforms
     from replaceme_jax.replaceme.refine import batches_for_tokens, refine_kl
     from replaceme_jax.replaceme.validation import HeldoutEvaluator, limit_tokens
+    from replaceme_jax.report import write_json
 
     if args.from_output:
         out = Path(args.from_output)
@@ -103,14 +103,17 @@ def main():
         chosen = chosen[cfg.refine_steps:] + chosen[:cfg.refine_steps]
     scored = batches_for(cfg, limit_tokens(heldout, cfg.validation_max_tokens), tokenizer)
 
+    Ts = {(s1, e1): T1, (s2, e2): T2}  # original numbering
+    block = (s1, e1) if args.block == "first" else (s2, e2)
+    T0 = Ts[block]
     if args.block == "first":
-        # the second block (original numbering) replaced by its T, the first still there
+        # the second block replaced by its T, the first still there
         base, base_config = replace_block(original.params, original.config, s2, e2, T2)
-        start, end, T0 = s1, e1, T1
+        start, end = s1, e1
     else:
         # the first block replaced by its T; the second, renumbered, still there
         base, base_config = replace_block(original.params, original.config, s1, e1, T1)
-        start, end, T0 = s2 - (e1 - s1), e2 - (e1 - s1), T2
+        start, end = s2 - (e1 - s1), e2 - (e1 - s1)
     evaluator = HeldoutEvaluator(base, base_config, start, end, scored)
     before = evaluator.perplexity(T0)
     began = time.perf_counter()
@@ -118,7 +121,6 @@ def main():
                         steps=steps, lr=lr, top_k=cfg.refine_top_k)
     after = evaluator.perplexity(refined.T)
     kept = after < before * (1 - REFINE_MIN_RELATIVE_GAIN)  # compress's rule
-    block = [s1, e1] if args.block == "first" else [s2, e2]
     record = {"blocks": [[s1, e1], [s2, e2]], "rerefined_block": block, "from_output": args.from_output,
               "compress_s": compress_s and round(compress_s, 1),
               "rerefine_s": round(time.perf_counter() - began, 1), "steps": refined.steps, "lr": lr,
@@ -128,23 +130,17 @@ def main():
               "compress_heldout_perplexity": compress_heldout}
     logging.info("re-refined block (%d, %d): held-out perplexity %.3f -> %.3f (%s)", *block, before, after,
                  "kept" if kept else "not kept")
-    T = refined.T if kept else T0
-    if args.block == "first":
-        T1 = T
-    else:
-        T2 = T
-    params, config = replace_block(base, base_config, start, end, T)
+    Ts[block] = refined.T if kept else T0
+    params, config = replace_block(base, base_config, start, end, Ts[block])
     if args.save:
         def write_side_files(tmp):
             # the T's and the run's report, so that --from-output can start another round from this directory
-            (tmp / TRANSFORMS_FILE).parent.mkdir(exist_ok=True)
-            save_file({f"block_{s1}_{e1}": np.asarray(T1, np.float64), f"block_{s2}_{e2}": np.asarray(T2, np.float64)},
-                      str(tmp / TRANSFORMS_FILE), metadata={"format": "np", "dtype": "float64"})
+            write_transforms(tmp, {f"block_{s}_{e}": T for (s, e), T in Ts.items()})
             rounds = report.get("rerefine", []) if args.from_output else []
             summary = {k: v for k, v in record.items() if k != "kl"}
-            (tmp / "replaceme_report.json").write_text(json.dumps(
-                dict(report if args.from_output else {"config": dataclasses.asdict(cfg), "blocks": record["blocks"]},
-                     rerefine=rounds + [summary]), default=str) + "\n")
+            write_json(tmp / "replaceme_report.json",
+                       dict(report if args.from_output else {"config": to_dict(cfg), "blocks": record["blocks"]},
+                            rerefine=rounds + [summary]))
 
         export_hf(dataclasses.replace(original, params=params, config=config), args.save, dtype=cfg.save_dtype,
                   write_extra=write_side_files)

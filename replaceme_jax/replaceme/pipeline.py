@@ -685,17 +685,23 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     return CompressResult(model=current, distances=distances, blocks=results, report=report, save_path=save_path)
 
 
-def _write_side_files(out: Path, cfg, distances, n, blocks, results, report) -> None:
+def write_transforms(out: Path, transforms: dict) -> None:
+    """Each T (key ``block_{start}_{end}``, original numbering; float64) to ``out/TRANSFORMS_FILE``."""
     from safetensors.numpy import save_file
 
+    # In a folder of its own: tools that glob an HF directory's top level for *.safetensors must not
+    # take it for a weight shard.
+    (out / TRANSFORMS_FILE).parent.mkdir(exist_ok=True)
+    save_file({key: np.ascontiguousarray(T) for key, T in transforms.items()}, str(out / TRANSFORMS_FILE),
+              metadata={"format": "np", "dtype": "float64"})
+
+
+def _write_side_files(out: Path, cfg, distances, n, blocks, results, report) -> None:
     write_distances_csv(out / "distances.csv", distances, n, blocks)
     plot_distances(out / "distances.png", distances, n, blocks, title=f"{cfg.model_path}: blocks of {n} layers")
-    transforms = {f"block_{r.start}_{r.end}": np.ascontiguousarray(r.T) for r in results if r.T is not None}
+    transforms = {f"block_{r.start}_{r.end}": r.T for r in results if r.T is not None}
     if transforms:
-        # In a folder of its own: tools that glob an HF directory's top level for *.safetensors must not
-        # take it for a weight shard.
-        (out / TRANSFORMS_FILE).parent.mkdir(exist_ok=True)
-        save_file(transforms, str(out / TRANSFORMS_FILE), metadata={"format": "np", "dtype": "float64"})
+        write_transforms(out, transforms)
     write_json(out / "replaceme_report.json", report)
 
 
