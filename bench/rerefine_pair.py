@@ -54,14 +54,13 @@ def main():
 
     from replaceme_smollm2 import BASE, TASKS, average_of_four, evaluate_params
 
-    from safetensors.numpy import load_file
-
     from replaceme_jax.config import CompressConfig, from_dict, to_dict
     from replaceme_jax.conversion import export_hf, load_model, load_tokenizer
     from replaceme_jax.data import batches_for, calibration_sequences, split_heldout
     from replaceme_jax.evaluation import Reference
     from replaceme_jax.replaceme.merge import replace_block
-    from replaceme_jax.replaceme.pipeline import REFINE_MIN_RELATIVE_GAIN, TRANSFORMS_FILE, compress, write_transforms
+    from replaceme_jax.replaceme.pipeline import (REFINE_MIN_RELATIVE_GAIN, compress, read_transforms,
+                                                  write_transforms)
     from replaceme_jax.replaceme.refine import batches_for_tokens, refine_kl
     from replaceme_jax.replaceme.validation import HeldoutEvaluator, limit_tokens
     from replaceme_jax.report import write_json
@@ -83,8 +82,8 @@ def main():
     sequences, sources = calibration_sequences(cfg, tokenizer, params=original.params, config=original.config)
     if args.from_output:
         compress_s = sum(report["wall_time_s"].values())
-        transforms = load_file(str(out / TRANSFORMS_FILE))
-        T1, T2 = transforms[f"block_{s1}_{e1}"], transforms[f"block_{s2}_{e2}"]
+        transforms = read_transforms(out)
+        T1, T2 = transforms[(s1, e1)], transforms[(s2, e2)]
         compress_heldout = [b["validation"].get("perplexity_with_T") for b in report["block_results"]]
     else:
         began = time.perf_counter()
@@ -135,7 +134,7 @@ def main():
     if args.save:
         def write_side_files(tmp):
             # the T's and the run's report, so that --from-output can start another round from this directory
-            write_transforms(tmp, {f"block_{s}_{e}": T for (s, e), T in Ts.items()})
+            write_transforms(tmp, Ts)
             rounds = report.get("rerefine", []) if args.from_output else []
             summary = {k: v for k, v in record.items() if k != "kl"}
             write_json(tmp / "replaceme_report.json",

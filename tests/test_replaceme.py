@@ -20,7 +20,7 @@ from replaceme_jax.config import CompressConfig, from_dict
 from replaceme_jax.errors import UsageError
 from replaceme_jax.models import llama
 from replaceme_jax.replaceme import fit_cosine, lstsq_from_normal_equations, replace_block, select_blocks
-from replaceme_jax.replaceme.pipeline import compress
+from replaceme_jax.replaceme.pipeline import compress, read_transforms
 from tests.helpers import WORDS, make_model, random_batch, torch_logits
 
 
@@ -197,6 +197,12 @@ def test_compress_cli_writes_a_loadable_model_and_report(tmp_path, capsys):
     if fitted:
         with safe_open(str(out / "replaceme" / "transforms.safetensors"), "numpy") as f:
             assert sorted(f.keys()) == sorted(f"block_{s}_{e}" for s, e in fitted)
+            stored = {key: f.get_tensor(key) for key in f.keys()}
+        # read_transforms gives the same T's back, by block in the original numbering
+        read = read_transforms(out)
+        assert sorted(read) == sorted(tuple(b) for b in fitted)
+        for (s, e), T in read.items():
+            np.testing.assert_array_equal(T, stored[f"block_{s}_{e}"])
     # what compress writes, the loader reads back: the side file is never taken for a weight shard
     assert load_model(out).config.num_hidden_layers == 2
 

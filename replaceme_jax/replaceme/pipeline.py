@@ -685,21 +685,30 @@ def compress(cfg: CompressConfig, distances_only: bool = False, restart: bool = 
     return CompressResult(model=current, distances=distances, blocks=results, report=report, save_path=save_path)
 
 
-def write_transforms(out: Path, transforms: dict) -> None:
-    """Each T (key ``block_{start}_{end}``, original numbering; float64) to ``out/TRANSFORMS_FILE``."""
+def write_transforms(out: Path, transforms: dict[tuple[int, int], np.ndarray]) -> None:
+    """Each T, by its block ``(start, end)`` in the original numbering, to ``out/TRANSFORMS_FILE`` (float64,
+    key ``block_{start}_{end}``)."""
     from safetensors.numpy import save_file
 
     # In a folder of its own: tools that glob an HF directory's top level for *.safetensors must not
     # take it for a weight shard.
     (out / TRANSFORMS_FILE).parent.mkdir(exist_ok=True)
-    save_file({key: np.ascontiguousarray(T) for key, T in transforms.items()}, str(out / TRANSFORMS_FILE),
-              metadata={"format": "np", "dtype": "float64"})
+    save_file({f"block_{start}_{end}": np.ascontiguousarray(T) for (start, end), T in transforms.items()},
+              str(out / TRANSFORMS_FILE), metadata={"format": "np", "dtype": "float64"})
+
+
+def read_transforms(out: Path) -> dict[tuple[int, int], np.ndarray]:
+    """The T's ``write_transforms`` wrote to ``out``, by block ``(start, end)``."""
+    from safetensors.numpy import load_file
+
+    return {tuple(int(i) for i in key.removeprefix("block_").split("_")): T
+            for key, T in load_file(str(Path(out) / TRANSFORMS_FILE)).items()}
 
 
 def _write_side_files(out: Path, cfg, distances, n, blocks, results, report) -> None:
     write_distances_csv(out / "distances.csv", distances, n, blocks)
     plot_distances(out / "distances.png", distances, n, blocks, title=f"{cfg.model_path}: blocks of {n} layers")
-    transforms = {f"block_{r.start}_{r.end}": r.T for r in results if r.T is not None}
+    transforms = {(r.start, r.end): r.T for r in results if r.T is not None}
     if transforms:
         write_transforms(out, transforms)
     write_json(out / "replaceme_report.json", report)
